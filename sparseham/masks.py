@@ -1,0 +1,246 @@
+"""MaskManager: the masks and the one per-step pipeline every method runs through.
+
+The pipeline, in this order (one line each in :meth:`MaskManager.step`):
+
+1. the method's pre-step hook (on a RigL update step it reads the dense gradient);
+2. mask the gradients of pruned weights;
+3. ``optimizer.step()``: the base step plus, when wrapped in :class:`sparseham.HAM`, the mirror step;
+4. re-apply the masks to the weights, and mask the optimizer state by shape;
+5. the sign-flip tracker (flips since its last update, split by the mask in force);
+6. the method's post-step hook (topology updates).
+
+Nothing here reads a device value on the host: when to act is decided from ``step_count``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .distributions import matches_any
+from .method import Method
+
+__all__ = ["MaskManager", "MaskInvariantError", "prunable_parameters"]
+
+_PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+class MaskInvariantError(RuntimeError):
+    """A mask or a masked weight drifted from what the method asked for."""
+
+
+def prunable_parameters(
+    model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] = ()
+) -> list[tuple[str, nn.Parameter]]:
+    """The managed ``(name, parameter)`` pairs of ``model``.
+
+    By default the weights of Linear and Conv layers, never biases or norm layers. ``include``
+    globs over parameter names replace that default; ``exclude`` globs remove names.
+    """
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    exclude = tuple(exclude)
+    if include is not None:
+        include = tuple(include)
+        chosen = [(n, p) for n, p in model.named_parameters() if matches_any(n, include)]
+    else:
+        chosen = [
+            (f"{mn}.weight" if mn else "weight", m.weight)
+            for mn, m in model.named_modules()
+            if isinstance(m, _PRUNABLE) and isinstance(getattr(m, "weight", None), nn.Parameter)
+        ]
+    return [(n, p) for n, p in chosen if not matches_any(n, exclude)]
+
+
+class MaskManager:
+    """Owns one bool mask per managed tensor and runs the per-step pipeline.
+
+    Args:
+        model: the model (a DDP wrapper is unwrapped).
+        optimizer: the optimizer that steps the model, usually a :class:`sparseham.HAM`.
+        method: a :class:`sparseham.method.Method` instance, e.g. ``methods.get("rigl")(target=0.9)``.
+        tracker: an optional :class:`sparseham.SignFlipTracker`.
+        include, exclude: glob patterns over parameter names (see :func:`prunable_parameters`).
+        total_steps: length of training, for methods whose schedule is relative to it.
+        steps_per_epoch: for schedules given in epochs.
+        data: batches ``(x, y)`` for methods that score with data at set-up (SNIP, GraSP).
+        loss_fn: the loss used for such scoring (default cross-entropy).
+
+    Call :meth:`step` where a plain loop calls ``optimizer.step()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        method: Method,
+        tracker: Any = None,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] = (),
+        *,
+        total_steps: int | None = None,
+        steps_per_epoch: int | None = None,
+        data: Iterable | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> None:
+        pairs = prunable_parameters(model, include, exclude)
+        if not pairs:
+            raise ValueError("MaskManager found no parameters to manage; check include/exclude globs")
+        self.model = getattr(model, "module", model)
+        self.optimizer = optimizer
+        self.method = method
+        self.tracker = tracker
+        self.names = [n for n, _ in pairs]
+        self.params = [p for _, p in pairs]
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.data = data
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self.masks: list[Tensor] | None = None
+        self.expected: list[int] | None = None
+        self.step_count = 0
+        self.mask_events: list[dict[str, Any]] = []
+        self.phase: str | None = None
+        method.setup(self)
+        if tracker is not None:
+            tracker.attach(self.names, self.params, self.method.tracking_masks(self))
+
+    # -- the pipeline ---------------------------------------------------------------------------
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Run one training step of the pipeline (see the module docstring for the order).
+
+        With a ``GradScaler``, gradients are unscaled first (so hooks and HAM see true gradients)
+        and ``scaler.step`` skips the step when they are not finite; call ``scaler.update()`` after.
+        """
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        masking = self.masks is not None and self.method.masking
+        self.method.pre_step(self)
+        if masking:
+            self.mask_grads_()
+        (scaler.step(self.optimizer) if scaler is not None else self.optimizer.step())
+        self.step_count += 1
+        if masking:
+            self.apply_masks_()
+        if self.tracker is not None:
+            self.tracker.update(self.params, self.method.tracking_masks(self))
+        self.method.post_step(self)
+
+    def mask_grads_(self) -> None:
+        """Zero the gradients of pruned weights, in place."""
+        pairs = [(p.grad, m) for p, m in zip(self.params, self.masks) if p.grad is not None]
+        if pairs:
+            grads, masks = zip(*pairs)
+            torch._foreach_mul_(list(grads), list(masks))
+
+    def apply_masks_(self) -> None:
+        """Zero pruned weights and every optimizer-state tensor shaped like its weight."""
+        tensors, masks = list(self.params), list(self.masks)
+        for p, m in zip(self.params, self.masks):
+            # Masking by shape, not by optimizer type: momentum, exp_avg, exp_avg_sq, ... alike.
+            for value in self.optimizer.state.get(p, {}).values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    tensors.append(value)
+                    masks.append(m)
+        with torch.no_grad():
+            torch._foreach_mul_(tensors, masks)
+
+    # -- mask changes (methods call these) ------------------------------------------------------
+    def set_masks(self, masks: Sequence[Tensor], expected: Sequence[int] | None = None) -> None:
+        """Install new masks, apply them, and record the churn against the previous masks.
+
+        Args:
+            masks: one bool tensor per managed parameter.
+            expected: the per-layer kept counts the method intends; checked by :meth:`verify`.
+        """
+        if len(masks) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} masks, got {len(masks)}")
+        new = [m.to(device=p.device, dtype=torch.bool).view(p.shape) for m, p in zip(masks, self.params)]
+        churn = None
+        if self.masks is not None:
+            churn = torch.stack([(a ^ b).sum() for a, b in zip(self.masks, new)])
+        self.masks = new
+        self.expected = list(expected) if expected is not None else None
+        self.apply_masks_()
+        self.mask_events.append({"step": self.step_count, "churn": churn, "phase": self.phase})
+
+    def clear_masks(self) -> None:
+        """Drop the masks: every weight trains (AC/DC decompression, dense training)."""
+        self.masks = None
+        self.expected = None
+        self.mask_events.append({"step": self.step_count, "churn": None, "phase": self.phase})
+
+    def zero_state_(self, where: Sequence[Tensor]) -> None:
+        """Zero the optimizer-state entries selected by the bool tensors ``where`` (e.g. grown weights)."""
+        tensors, keep = [], []
+        for p, w in zip(self.params, where):
+            for value in self.optimizer.state.get(p, {}).values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    tensors.append(value)
+                    keep.append(~w)
+        if tensors:
+            torch._foreach_mul_(tensors, keep)
+
+    # -- measurements (host reads: call at log intervals only) ----------------------------------
+    def nonzeros(self) -> Tensor:
+        """Per-layer count of non-zero effective weights, as one device tensor."""
+        weights = self.method.effective_weights(self)
+        return torch.stack([torch.count_nonzero(w) for w in weights])
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Achieved sparsity of each managed tensor (reads the device)."""
+        nnz = self.nonzeros().tolist()
+        return {n: 1.0 - k / p.numel() for n, k, p in zip(self.names, nnz, self.params)}
+
+    def sparsity(self) -> float:
+        """Achieved sparsity over all managed weights (reads the device)."""
+        total = sum(p.numel() for p in self.params)
+        return 1.0 - float(self.nonzeros().sum()) / total
+
+    def verify(self) -> None:
+        """Check masks against the method's counts and that pruned weights are zero.
+
+        One device reduction; call it at log intervals, not per step. Raises
+        :class:`MaskInvariantError` on any mismatch.
+        """
+        if self.masks is None or not self.method.masking:
+            return
+        kept = torch.stack([m.sum() for m in self.masks])
+        leaked = torch.stack([torch.count_nonzero(p * ~m) for p, m in zip(self.params, self.masks)])
+        kept, leaked = torch.stack([kept, leaked]).tolist()
+        for name, k, want, bad in zip(self.names, kept, self.expected or kept, leaked):
+            if k != want:
+                raise MaskInvariantError(f"{name}: mask keeps {k} weights, the method asked for {want}")
+            if bad:
+                raise MaskInvariantError(f"{name}: {bad} pruned weights are non-zero")
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, step counter, and the method's and tracker's state."""
+        return {
+            "names": list(self.names),
+            "masks": None if self.masks is None else [m.clone() for m in self.masks],
+            "expected": self.expected,
+            "step_count": self.step_count,
+            "phase": self.phase,
+            "method": self.method.state_dict(),
+            "tracker": None if self.tracker is None else self.tracker.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the names of the managed tensors must match."""
+        if list(state["names"]) != self.names:
+            raise ValueError("checkpoint masks were saved for other parameters than this model manages")
+        self.method.load_state_dict(state["method"])
+        self.step_count = state["step_count"]
+        self.phase = state["phase"]
+        if state["masks"] is None:
+            self.masks = None
+        else:
+            self.masks = [m.to(device=p.device, dtype=torch.bool) for m, p in zip(state["masks"], self.params)]
+        self.expected = state["expected"]
+        if self.tracker is not None and state["tracker"] is not None:
+            self.tracker.load_state_dict(state["tracker"])
+        self.mask_events.clear()

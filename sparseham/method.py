@@ -1,0 +1,154 @@
+"""The method plug-in interface and its registry.
+
+A sparsification method fills stages of the fixed per-step pipeline in
+:class:`sparseham.MaskManager` through a few small hooks; it never reorders them.
+Plug-ins live in the top-level ``methods`` package and register here with
+``@methods.register("name")``; the core looks them up by name and never imports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .masks import MaskManager
+
+__all__ = ["Method", "NoOptions", "register", "get", "available", "suggest"]
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+DISTRIBUTIONS = ("uniform", "er", "erk", "global")
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """Options of a method that has none of its own."""
+
+
+def suggest(name: str, choices: Sequence[str]) -> str:
+    """Return ``"; did you mean 'x'?"`` for the closest choice, or ``""``."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def register(name: str):
+    """Class decorator that adds a :class:`Method` subclass to the registry under ``name``."""
+    if not name or name != name.lower():
+        raise ValueError(f"method names are lowercase and non-empty, got {name!r}")
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"@register({name!r}) expects a Method subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            warnings.warn(f"method {name!r} was registered twice; the later class wins", stacklevel=2)
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def get(name: str) -> type[Method]:
+    """Return the method class registered under ``name``."""
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY)) or "none (import methods to register the built-ins)"
+        raise KeyError(f"unknown method {name!r}{suggest(name, list(_REGISTRY))}; known: {known}")
+    return _REGISTRY[name]
+
+
+def available() -> tuple[str, ...]:
+    """Names of all registered methods, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+class Method:
+    """Base class of a sparsification method.
+
+    Subclasses set ``Options`` to a dataclass of their own hyperparameters (the YAML section
+    ``sparsity.<name>``; every field carries ``metadata["help"]``) and override the hooks they
+    need. Hooks run inside :meth:`MaskManager.step`, so they must not synchronise with the
+    device on ordinary steps: decide *when* to act from host-side step counters.
+
+    Args:
+        target: fraction of the managed weights that is zero at the end of training, in [0, 1).
+        distribution: how the target is split over layers: ``uniform``, ``er``, ``erk`` or
+            ``global`` (one threshold over all layers, decided at mask time).
+        dense_layers: glob patterns of managed parameter names kept dense.
+        init: how the first mask is scored, for methods that prune at initialization.
+        **options: fields of ``Options``.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    #: Whether the manager masks grads, weights and optimizer state (stages 2 and 4).
+    masking: bool = True
+
+    def __init__(
+        self,
+        target: float = 0.0,
+        *,
+        distribution: str = "erk",
+        dense_layers: Sequence[str] = (),
+        init: str = "random",
+        **options: Any,
+    ) -> None:
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"{self.name or type(self).__name__}: target must be in [0, 1), got {target}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"unknown distribution {distribution!r}{suggest(distribution, DISTRIBUTIONS)}; "
+                f"choose one of {', '.join(DISTRIBUTIONS)}"
+            )
+        self.target = float(target)
+        self.distribution = distribution
+        self.dense_layers = tuple(dense_layers)
+        self.init = init
+        fields = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise TypeError(
+                f"{self.name or type(self).__name__}: unknown option {unknown[0]!r}"
+                f"{suggest(unknown[0], sorted(fields))}; options are: {', '.join(sorted(fields)) or 'none'}"
+            )
+        self.options = self.Options(**options)
+
+    # -- hooks, in pipeline order -------------------------------------------------------------
+    def setup(self, manager: MaskManager) -> None:
+        """Build the first masks (``manager.set_masks``) before the first step."""
+
+    def pre_step(self, manager: MaskManager) -> None:
+        """Stage 1: runs before gradients are masked (the dense gradient is still in ``.grad``)."""
+
+    def post_step(self, manager: MaskManager) -> None:
+        """Stage 6: topology updates after the weights were stepped, re-masked and tracked."""
+
+    def tracking_masks(self, manager: MaskManager) -> list[Tensor] | None:
+        """The masks the sign-flip tracker splits by; ``None`` means the manager's masks."""
+        return manager.masks
+
+    def effective_weights(self, manager: MaskManager) -> list[Tensor]:
+        """The weights the forward pass uses; their zeros define the achieved sparsity."""
+        return manager.params
+
+    def finalize(self, manager: MaskManager) -> None:
+        """Called once at the end of training, e.g. to bake in an implicit mask."""
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Host-side state needed to resume exactly (masks are saved by the manager)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(target={self.target}, distribution={self.distribution!r}, "
+            f"options={self.options})"
+        )

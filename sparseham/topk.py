@@ -1,0 +1,45 @@
+"""Exact top-k masks without a full sort.
+
+Every mask in sparseham keeps exactly ``k`` entries. The threshold is found by selection
+(``torch.kthvalue``, O(n)), and ties at the threshold are broken towards the lower flat index with
+a cumulative sum, so the result is deterministic on every process and device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["topk_mask", "global_topk_masks"]
+
+
+def topk_mask(scores: Tensor, k: int | Tensor) -> Tensor:
+    """Bool mask, shaped like ``scores``, of its ``k`` largest entries.
+
+    NaN scores rank below every number. Ties at the threshold go to the lower flat index, so
+    exactly ``k`` entries are set whatever the ties. No host synchronisation when ``k`` is an int.
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if isinstance(k, int):
+        if k <= 0:
+            return torch.zeros_like(scores, dtype=torch.bool)
+        if k >= n:
+            return torch.ones_like(scores, dtype=torch.bool)
+    flat = torch.nan_to_num(flat.float(), nan=-torch.inf)
+    # The k-th largest is the (n - k + 1)-th smallest.
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    above = flat > threshold
+    ties = flat == threshold
+    need = k - above.sum(dtype=torch.int32)
+    keep = above | (ties & (ties.cumsum(0, dtype=torch.int32) <= need))
+    return keep.view(scores.shape)
+
+
+def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+    """Masks of the ``k`` largest entries over all tensors together (one global threshold)."""
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    keep = topk_mask(flat, k)
+    return [m.view(s.shape) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
