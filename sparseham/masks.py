@@ -236,10 +236,10 @@ class MaskManager:
         self.method.load_state_dict(state["method"])
         self.step_count = state["step_count"]
         self.phase = state["phase"]
-        if state["masks"] is None:
-            self.masks = None
-        else:
-            self.masks = [m.to(device=p.device, dtype=torch.bool) for m, p in zip(state["masks"], self.params)]
+        masks = state["masks"]
+        if masks is not None:
+            masks = [m.to(device=p.device, dtype=torch.bool) for m, p in zip(masks, self.params)]
+        self.masks = masks
         self.expected = state["expected"]
         if self.tracker is not None and state["tracker"] is not None:
             self.tracker.load_state_dict(state["tracker"])
