@@ -3,10 +3,13 @@
 >>> import methods
 >>> methods.get("rigl")(target=0.9, distribution="erk")
 
-Add a method by subclassing :class:`sparseham.Method` in a new file here and decorating it with
-``@methods.register("name")``; then import the file below.
+Add a method by subclassing :class:`sparseham.Method` in a new file here, decorating it with
+``@methods.register("name")``, and importing the file at the bottom of this module.
 """
 
 from sparseham.method import Method, available, get, register
 
 __all__ = ["Method", "available", "get", "register"]
+
+# Importing the plug-ins registers them.
+from . import acdc, dense, rigl, static, str  # noqa: E402,F401

@@ -148,21 +148,29 @@ class MaskManager:
             torch._foreach_mul_(tensors, masks)
 
     # -- mask changes (methods call these) ------------------------------------------------------
-    def set_masks(self, masks: Sequence[Tensor], expected: Sequence[int] | None = None) -> None:
-        """Install new masks, apply them, and record the churn against the previous masks.
+    def set_masks(
+        self,
+        masks: Sequence[Tensor],
+        expected: Sequence[int] | int | None = None,
+        reference: Sequence[Tensor] | None = None,
+    ) -> None:
+        """Install new masks, apply them, and record the churn (Hamming distance per layer).
 
         Args:
             masks: one bool tensor per managed parameter.
-            expected: the per-layer kept counts the method intends; checked by :meth:`verify`.
+            expected: the kept counts the method intends, per layer, or one total for a global
+                threshold; checked by :meth:`verify`.
+            reference: the masks churn is measured against (default: the current masks).
         """
         if len(masks) != len(self.params):
             raise ValueError(f"expected {len(self.params)} masks, got {len(masks)}")
         new = [m.to(device=p.device, dtype=torch.bool).view(p.shape) for m, p in zip(masks, self.params)]
+        reference = self.masks if reference is None else reference
         churn = None
-        if self.masks is not None:
-            churn = torch.stack([(a ^ b).sum() for a, b in zip(self.masks, new)])
+        if reference is not None:
+            churn = torch.stack([(a ^ b).sum() for a, b in zip(reference, new)])
         self.masks = new
-        self.expected = list(expected) if expected is not None else None
+        self.expected = expected if expected is None or isinstance(expected, int) else list(expected)
         self.apply_masks_()
         self.mask_events.append({"step": self.step_count, "churn": churn, "phase": self.phase})
 
@@ -210,9 +218,16 @@ class MaskManager:
         kept = torch.stack([m.sum() for m in self.masks])
         leaked = torch.stack([torch.count_nonzero(p * ~m) for p, m in zip(self.params, self.masks)])
         kept, leaked = torch.stack([kept, leaked]).tolist()
-        for name, k, want, bad in zip(self.names, kept, self.expected or kept, leaked):
-            if k != want:
-                raise MaskInvariantError(f"{name}: mask keeps {k} weights, the method asked for {want}")
+        want = self.expected if self.expected is not None else kept
+        if isinstance(want, int):
+            if sum(kept) != want:
+                raise MaskInvariantError(
+                    f"masks keep {sum(kept)} weights in all, the method asked for {want}"
+                )
+            want = kept
+        for name, k, w, bad in zip(self.names, kept, want, leaked):
+            if k != w:
+                raise MaskInvariantError(f"{name}: mask keeps {k} weights, the method asked for {w}")
             if bad:
                 raise MaskInvariantError(f"{name}: {bad} pruned weights are non-zero")
 

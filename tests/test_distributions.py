@@ -40,7 +40,7 @@ def test_erk_matches_hand_computation():
 def test_er_uses_only_fan_dims():
     shapes = {"a": (8, 4, 3, 3), "b": (16, 8, 3, 3)}
     dens = layer_densities(shapes, 0.8, "er")
-    ratio = (dens["a"] / dens["b"])
+    ratio = dens["a"] / dens["b"]
     assert ratio == pytest.approx(((8 + 4) / 32) / ((16 + 8) / 128), rel=1e-3)
 
 

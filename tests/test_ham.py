@@ -301,8 +301,16 @@ def test_half_step_allocates_no_persistent_state():
         model(torch.randn(4, 8)).sum().backward()
         opt.step()
     assert {k for s in opt.state.values() for k in s} == {"momentum_buffer"}
-    assert set(vars(opt)) - set(vars(base)) <= {"optimizer", "_keys", "sign", "clamp", "max_norm",
-                                                 "min_ndim", "foreach", "fused"}
+    assert set(vars(opt)) - set(vars(base)) <= {
+        "optimizer",
+        "_keys",
+        "sign",
+        "clamp",
+        "max_norm",
+        "min_ndim",
+        "foreach",
+        "fused",
+    }
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,7 @@ def test_pipeline_order():
     model = Net()
     opt = HAM(torch.optim.SGD(model.parameters(), lr=0.1))
     mm = MaskManager(model, opt, Recorder(0.8), tracker=Tracker())
+
     def opt_hook(o, a, k):
         order.append(("opt", all(bool((p.grad[~m] == 0).all()) for p, m in zip(mm.params, mm.masks))))
 

@@ -1,0 +1,300 @@
+"""Grid sweeps over train.py: ``python -m analysis.sweep SWEEP.yaml [--jobs N] [--dry-run]``.
+
+SWEEP.yaml::
+
+    config: ../default.yaml        # base config, relative to the sweep file (required)
+    out: runs/studies/small        # output root, relative to the current directory (required)
+    set: {train.max_steps: 200}    # overrides for every run (optional)
+    grid:                          # dotted key -> list of values (required), or a list of
+      sparsity.method: [static, rigl]   # such mappings whose cells are united
+      ham.enabled: [false, true]
+      experiment.seed: [0, 1, 2]
+
+Each cell runs ``python train.py --config CONFIG --set k=v ... --out OUT/NAME`` from the
+repository root (values as YAML scalars: ``true``, ``null``, ``0.001``), one at a time or
+``--jobs N`` at once, its output appended to ``OUT/logs/NAME.log``. NAME joins the keys that
+vary between cells (last component, lengthened where two share it) and their values, e.g.
+``method=rigl_enabled=true_seed=0``; clashes get ``-2``, ``-3``. Cells with a final.json are
+skipped, so re-running resumes a sweep; a failed run is reported and the sweep goes on. At
+the end ``OUT/results.md`` and ``OUT/results.csv`` hold one row per cell over every finished
+run under OUT, seeds collapsed: mean ± std (ddof=1) and n of test_acc, val_acc (if logged),
+sparsity, total flips, ever_flipped_frac and wall_time_s.
+
+Exit status: 0; 1 when a run failed; 2 for a bad sweep file (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from analysis import runs
+
+__all__ = [
+    "REPO_ROOT", "Cell", "Sweep", "SweepError", "aggregate", "cell_names", "expand", "load_sweep",
+    "main", "plan", "run_sweep", "train_command",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULT_COLUMNS = [("test_acc", 4), ("val_acc", 4), ("sparsity", 4), ("total_flips", 0),
+                  ("ever_flipped_frac", 4), ("wall_time_s", 1)]
+
+
+class SweepError(ValueError):
+    """A bad sweep file or argument; the message is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a sweep; ``overrides`` is the sweep's ``set`` updated by the cell's grid."""
+
+    name: str
+    config: Path
+    overrides: dict
+    run_dir: Path
+
+    @property
+    def log(self) -> Path:
+        """Where the run's stdout and stderr go."""
+        return self.run_dir.parent / "logs" / f"{self.name}.log"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed sweep file: its path, output root and cells."""
+
+    path: Path
+    out: Path
+    cells: list[Cell]
+
+
+def _read_spec(path: Path) -> dict:
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SweepError(f"{path}: cannot read the sweep file ({reason})") from None
+    if not isinstance(spec, dict):
+        raise SweepError(f"{path}: expected a mapping of config, out, grid, got {spec!r:.40}")
+    for key in spec:
+        if key not in ("config", "out", "set", "grid"):
+            raise SweepError(f"{path}: unknown key '{key}'; allowed: config, out, set, grid")
+    for key in ("config", "out", "grid"):
+        if spec.get(key) in (None, "", [], {}):
+            raise SweepError(f"{path}: missing key '{key}' (required: config, out, grid)")
+    if not isinstance(spec.get("set") or {}, dict):
+        raise SweepError(f"{path}: 'set' must map dotted keys to values, got {spec['set']!r}")
+    return spec
+
+
+def _check_grid(path: Path, grid: object) -> dict:
+    if not isinstance(grid, dict) or not grid:
+        raise SweepError(f"{path}: 'grid' must map dotted keys to lists of values "
+                         f"(or be a list of such mappings); got {grid!r}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{path}: grid value of '{key}' must be a non-empty list, "
+                             f"got {values!r}; write [{values}] for a single value")
+    return grid
+
+
+def load_sweep(path: Path | str) -> Sweep:
+    """Parses and validates a sweep file (format in the module docstring).
+
+    Raises:
+        SweepError: unreadable YAML, a missing or unknown key, a bad grid or no base config.
+    """
+    path = Path(path)
+    spec = _read_spec(path)
+    config = (path.parent / str(spec["config"])).resolve()
+    if not config.is_file():
+        raise SweepError(f"{path}: config '{spec['config']}' not found (looked at {config})")
+    grids = spec["grid"] if isinstance(spec["grid"], list) else [spec["grid"]]
+    combos = expand([_check_grid(path, g) for g in grids])
+    out = Path(str(spec["out"])).resolve()
+    fixed = spec.get("set") or {}
+    cells = [Cell(name, config, {**fixed, **combo}, out / name)
+             for name, combo in zip(cell_names(combos), combos)]
+    return Sweep(path, out, cells)
+
+
+def expand(grids: Sequence[dict]) -> list[dict]:
+    """The cells ``{dotted key: value}`` of the union of ``grids`` (each the product of its
+    lists, the last key varying fastest), in grid order, duplicates dropped."""
+    cells, seen = [], set()
+    for grid in grids:
+        for values in itertools.product(*grid.values()):
+            cell = dict(zip(grid, values))
+            tag = json.dumps(cell, sort_keys=True, default=str)
+            if tag not in seen:
+                seen.add(tag)
+                cells.append(cell)
+    return cells
+
+
+def cell_names(cells: Sequence[dict]) -> list[str]:
+    """Readable, filesystem-safe, unique directory names for ``cells``, naming only the keys
+    whose value differs between cells (a single cell is ``run``)."""
+    keys = dict.fromkeys(k for cell in cells for k in cell)
+    vary = [k for k in keys if len({runs.value_text(c[k]) if k in c else None for c in cells}) > 1]
+    short = runs.short_keys(vary)
+    names = []
+    for cell in cells:
+        raw = "_".join(f"{short[k]}={runs.value_text(cell[k])}" for k in vary if k in cell)
+        names.append(re.sub(r"[^A-Za-z0-9._=+-]+", "-", raw).strip(".-")[:120] or "run")
+    used: set[str] = set()
+    unique = []
+    for name in names:
+        candidate, n = name, 1
+        # Compare case-insensitively: macOS and Windows file systems do.
+        while candidate.lower() in used:
+            n += 1
+            candidate = f"{name}-{n}"
+        used.add(candidate.lower())
+        unique.append(candidate)
+    return unique
+
+
+def train_command(cell: Cell) -> list[str]:
+    """The default command of a cell: ``python train.py --config ... --set ... --out ...``."""
+    sets = [a for k, v in cell.overrides.items() for a in ("--set", f"{k}={runs.value_text(v)}")]
+    return [sys.executable, "train.py", "--config", str(cell.config), *sets, "--out",
+            str(cell.run_dir)]
+
+
+def plan(sweep: Sweep) -> tuple[list[Cell], list[Cell]]:
+    """Splits the cells into those to run and those already finished (final.json exists)."""
+    done = [c for c in sweep.cells if (c.run_dir / "final.json").is_file()]
+    return [c for c in sweep.cells if c not in done], done
+
+
+def _run_cell(cell: Cell, argv: list[str]) -> int:
+    cell.log.parent.mkdir(parents=True, exist_ok=True)
+    with cell.log.open("a") as log:
+        log.write(f"$ {shlex.join(argv)}\n")
+        log.flush()
+        try:
+            return subprocess.run(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, check=False).returncode
+        except OSError as err:
+            log.write(f"cannot start the command: {err}\n")
+            return 127
+
+
+def _run_all(cells: list[Cell], command: Callable[[Cell], list[str]], jobs: int) -> list[str]:
+    """Runs ``cells`` ``jobs`` at a time; returns a line per failed run."""
+    failed = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(_run_cell, cell, command(cell)): cell for cell in cells}
+        for count, future in enumerate(as_completed(futures), 1):
+            cell, code = futures[future], future.result()
+            status = "ok" if code == 0 else f"FAILED with exit code {code}, log: {cell.log}"
+            print(f"[{count}/{len(cells)}] {cell.name}: {status}", flush=True)
+            failed += [f"{cell.name}: {status}"] if code else []
+    return failed
+
+
+def run_sweep(path: Path | str, jobs: int = 1, dry_run: bool = False,
+              command: Callable[[Cell], list[str]] | None = None) -> int:
+    """Runs the unfinished cells of a sweep, then writes the results tables.
+
+    Args:
+        path: the sweep file.
+        jobs: runs at a time.
+        dry_run: only print what would run.
+        command: builds a cell's argv, run from the repository root (default train_command).
+
+    Returns:
+        0, or 1 when a run failed.
+
+    Raises:
+        SweepError: a bad sweep file, ``jobs`` < 1, or no train.py for the default command.
+    """
+    if jobs < 1:
+        raise SweepError(f"--jobs must be at least 1, got {jobs}")
+    sweep, command = load_sweep(path), command or train_command
+    todo, skipped = plan(sweep)
+    print(f"{sweep.path}: {len(sweep.cells)} cells, {len(todo)} to run, "
+          f"{len(skipped)} skipped (final.json exists)")
+    if dry_run:
+        print("\n".join(shlex.join(command(cell)) for cell in todo))
+        return 0
+    if command is train_command and todo and not (REPO_ROOT / "train.py").is_file():
+        raise SweepError(f"{REPO_ROOT / 'train.py'} not found; the sweep needs the trainer")
+    failed = _run_all(todo, command, jobs)
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    md, table = aggregate(sweep.out)
+    print(f"results: {md} and {table}")
+    return 1 if failed else 0
+
+
+def _write_tables(out_root: Path, names: list[str], groups: list[list[dict]]) -> tuple[Path, Path]:
+    has_val = any(s.get("val_acc") is not None for g in groups for s in g)
+    columns = [c for c in RESULT_COLUMNS if c[0] != "val_acc" or has_val]
+    md = ["| cell | n | " + " | ".join(f"{key} (mean ± std)" for key, _ in columns) + " |",
+          "|---|---|" + "---|" * len(columns)]
+    rows = [["cell", "n", "runs"] + [f"{key}_{s}" for key, _ in columns for s in ("mean", "std")]]
+    for name, stats in sorted(zip(names, groups), key=lambda item: item[0]):
+        cells = [runs.fmt_stat([s.get(key) for s in stats], digits) for key, digits in columns]
+        md.append(f"| {name} | {len(stats)} | " + " | ".join(cells) + " |")
+        moments = [runs.mean_std(s.get(key) for s in stats)[:2] for key, _ in columns]
+        rows.append([name, len(stats), " ".join(s["run"] for s in stats)]
+                    + ["" if v != v else repr(v) for pair in moments for v in pair])
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "results.md").write_text("\n".join(md) + "\n")
+    with (out_root / "results.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return out_root / "results.md", out_root / "results.csv"
+
+
+def aggregate(out_root: Path | str) -> tuple[Path, Path]:
+    """Writes ``results.md`` and ``results.csv`` for the runs under ``out_root`` that have a
+    final.json; runs whose configs differ only by seed (or name, out_dir) share a row.
+
+    Returns:
+        The paths of results.md and results.csv.
+    """
+    out_root = Path(out_root)
+    found = []
+    for final in sorted(out_root.glob("*/final.json")):
+        try:
+            found.append(runs.load_run(final.parent, require_flips=False))
+        except runs.RunError as err:
+            print(f"skipped: {err}", file=sys.stderr)
+    groups = runs.group_by_seed([run.config for run in found])
+    single = found[0].path.name if len(found) == 1 else "all seeds"
+    names = runs.group_labels([found[g[0]].config for g in groups], single)
+    stats = [[{**runs.summary(found[j]), "run": found[j].path.name} for j in g] for g in groups]
+    return _write_tables(out_root, names, stats)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m analysis.sweep",
+                                     description="Run a grid of train.py runs and tabulate them.")
+    parser.add_argument("sweep", type=Path, help="the sweep file (format: module docstring)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(argv)
+    try:
+        return run_sweep(args.sweep, jobs=args.jobs, dry_run=args.dry_run)
+    except SweepError as err:
+        print(f"analysis.sweep: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

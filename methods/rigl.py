@@ -1,0 +1,113 @@
+r"""RigL (Evci et al. 2020, "Rigging the Lottery") and SET (Mocanu et al. 2018) as its random-grow variant.
+
+Every :math:`\Delta T` steps until ``end``, each layer with :math:`n_l` active weights
+
+- drops the :math:`d = \lfloor f(t)\, n_l \rfloor` active weights with the smallest :math:`|w|`,
+- grows :math:`d` inactive weights with the largest :math:`|\nabla_w L|` (SET: uniformly at random),
+
+with the cosine drop fraction :math:`f(t) = \tfrac{f_0}{2}(1 + \cos(\pi t / T_{end}))`. Grown
+weights start at exactly 0 with zeroed optimizer state; per-layer counts never change.
+
+Where the dense gradient comes from, at no extra cost: a pruned weight is an ordinary entry of a
+dense tensor, so the backward pass already computes its gradient. The pre-step hook (stage 1)
+reads ``.grad`` before the manager masks it (stage 2), on update steps only, and keeps just a bool
+mask of the chosen grow set until the post-step hook (stage 6) drops by the stepped weights.
+
+Grow candidates are the weights inactive *before* the update, so dropped and grown sets are
+disjoint (the paper's pseudo-code lets a just-dropped weight regrow; this does not). Under DDP
+the gradients are all-reduced before stage 1 and the top-k is deterministic, so every rank
+computes the same mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from sparseham.method import Method
+from sparseham.schedules import cosine_drop_fraction, periodic
+from sparseham.topk import topk_mask
+
+from . import register
+from ._common import counts_for, random_masks, seeded_generator
+
+__all__ = ["RigL", "SET"]
+
+
+@dataclasses.dataclass
+class RigLOptions:
+    update_every: int = dataclasses.field(
+        default=100, metadata={"help": "steps between mask updates (Delta T)"}
+    )
+    end: float = dataclasses.field(
+        default=0.75, metadata={"help": "stop updating after this fraction of training (T_end / T)"}
+    )
+    drop_fraction: float = dataclasses.field(default=0.3, metadata={"help": "initial drop fraction f0"})
+
+    def __post_init__(self):
+        if not (isinstance(self.update_every, int) and self.update_every >= 1):
+            raise ValueError(f"update_every must be an int >= 1, got {self.update_every}")
+        if not 0.0 < self.end <= 1.0:
+            raise ValueError(f"end must be in (0, 1], got {self.end}")
+        if not 0.0 <= self.drop_fraction <= 1.0:
+            raise ValueError(f"drop_fraction must be in [0, 1], got {self.drop_fraction}")
+
+
+@register("rigl")
+class RigL(Method):
+    """RigL: prune by magnitude, regrow by dense-gradient magnitude (see the module docstring)."""
+
+    Options = RigLOptions
+    distributions = ("uniform", "er", "erk")
+
+    def setup(self, manager) -> None:
+        if manager.total_steps is None:
+            raise ValueError(f"{self.name}: needs the length of training: MaskManager(..., total_steps=N)")
+        self.end_step = math.floor(self.options.end * manager.total_steps)
+        self.counts = counts_for(manager, self.target, self.distribution, self.dense_layers)
+        self._grow: list[torch.Tensor] | None = None
+        manager.set_masks(random_masks(manager, self.counts), expected=self.counts)
+
+    def _drops(self, manager, step: int) -> list[int]:
+        """Weights to drop (and grow) per layer at ``step``; never more than the inactive ones."""
+        f = cosine_drop_fraction(step, self.end_step, self.options.drop_fraction)
+        return [min(math.floor(f * k), p.numel() - k) for k, p in zip(self.counts, manager.params)]
+
+    def grow_scores(self, manager, step: int) -> list[torch.Tensor]:
+        """RigL grows by dense-gradient magnitude (the gradient is still unmasked here)."""
+        return [p.grad.abs() if p.grad is not None else torch.zeros_like(p) for p in manager.params]
+
+    def pre_step(self, manager) -> None:
+        step = manager.step_count + 1  # the step being taken
+        if not periodic(step, self.options.update_every, self.end_step):
+            return
+        scores = self.grow_scores(manager, step)
+        self._grow = [
+            topk_mask(torch.where(m, -torch.inf, s), d)
+            for s, m, d in zip(scores, manager.masks, self._drops(manager, step))
+        ]
+
+    def post_step(self, manager) -> None:
+        if self._grow is None:
+            return
+        step = manager.step_count
+        new = []
+        for p, m, g, d, k in zip(
+            manager.params, manager.masks, self._grow, self._drops(manager, step), self.counts
+        ):
+            keep = topk_mask(torch.where(m, p.detach().abs(), -torch.inf), k - d)
+            new.append(keep | g)
+        manager.zero_state_(self._grow)
+        manager.set_masks(new, expected=self.counts)
+        self._grow = None
+
+
+@register("set")
+class SET(RigL):
+    """SET: RigL's schedule with uniformly random growth instead of gradient-based growth."""
+
+    def grow_scores(self, manager, step: int) -> list[torch.Tensor]:
+        gen = seeded_generator(1_000_003 * step)  # same on every rank, independent of global RNG
+        return [torch.rand(p.shape, generator=gen).to(p.device) for p in manager.params]

@@ -1,0 +1,91 @@
+"""Build the training objects from a validated config: optimizer (+HAM), LR schedule, method, tracker."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import method as method_registry
+from .config import Config, method_options
+from .ham import HAM
+from .tracking import SignFlipTracker
+
+__all__ = ["build_optimizer", "build_scheduler", "build_method", "build_tracker", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device = {name!r}, but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD, Adam or AdamW over all parameters, wrapped in :class:`HAM` when ``ham.enabled``."""
+    o = cfg.optim
+    params = model.parameters()
+    if o.name == "sgd":
+        opt = torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+        )
+    elif o.name == "adam":
+        opt = torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    h = cfg.ham
+    if not h.enabled:
+        return opt
+    return HAM(
+        opt,
+        h.alpha,
+        h.beta,
+        sign=h.sign,
+        clamp=h.clamp,
+        max_norm=h.max_norm,
+        min_ndim=h.min_ndim,
+        fused=h.fused or None,
+    )
+
+
+def lr_factor(step: int, *, total: int, warmup: int, name: str, milestones, gamma: float) -> float:
+    """The multiplier of the base lr at ``step``: linear warm-up, then cosine, step or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if name == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return gamma ** sum(step >= m * total for m in milestones)
+
+
+def build_scheduler(cfg: Config, opt: torch.optim.Optimizer, total: int, steps_per_epoch: int):
+    """A per-iteration ``LambdaLR`` following ``optim.schedule``."""
+    s = cfg.optim.schedule
+    warmup = round(s.warmup_epochs * steps_per_epoch)
+    kwargs = {
+        "total": total,
+        "warmup": warmup,
+        "name": s.name,
+        "milestones": tuple(s.milestones),
+        "gamma": s.gamma,
+    }
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, **kwargs))
+
+
+def build_method(cfg: Config) -> method_registry.Method:
+    """The configured sparsification method, with its own section's options."""
+    sp = cfg.sparsity
+    cls = method_registry.get(sp.method)
+    kwargs = {"distribution": sp.distribution, "dense_layers": tuple(sp.dense_layers), "init": sp.init}
+    return cls(sp.target or 0.0, **kwargs, **method_options(cfg))
+
+
+def build_tracker(cfg: Config) -> SignFlipTracker | None:
+    t = cfg.tracking
+    return SignFlipTracker(interval=t.interval, per_weight=t.per_weight) if t.sign_flips else None

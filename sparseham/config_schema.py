@@ -1,0 +1,305 @@
+"""The typed sections of the YAML config, validated on construction.
+
+Each section is a :class:`~sparseham.config_types.Section` dataclass: ``__post_init__``
+converts every field to its annotated type, checks the range in the field's metadata and then
+the relations between fields. Every field carries ``metadata["help"]``. Loading, merging and
+``--set`` overrides live in :mod:`sparseham.config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+
+from . import method as _method
+from .config_types import FieldError, Section, hints, range_text
+from .config_types import field as _f
+
+__all__ = [
+    "DENSE", "ExperimentConfig", "SyntheticConfig", "DataConfig", "ModelConfig", "ScheduleConfig",
+    "OptimConfig", "HamConfig", "SparsityConfig", "TrackingConfig", "TrainConfig",
+    "LoggingConfig", "CheckpointConfig", "Config", "help_text",
+]
+
+#: The method that keeps every weight; it alone needs no ``sparsity.target``.
+DENSE = "dense"
+_DEFAULT_INITS = ("random",)
+
+
+def _unknown(what: str, value: str, known: Sequence[str], extra: str = "") -> str:
+    hint = _method.suggest(value, known)
+    return f"unknown {what}{hint} (known: {', '.join(known) or 'none'}{extra})"
+
+
+@dataclass
+class ExperimentConfig(Section):
+    name: str = _f("run", "name of the run; the run directory is <out_dir>/<name> "
+                          "unless --out is given")
+    seed: int = _f(0, "random seed for weights, data order, masks and the validation split", ge=0)
+    out_dir: str = _f("runs", "parent directory of run directories")
+
+
+@dataclass
+class SyntheticConfig(Section):
+    channels: int = _f(1, "image channels of the synthetic data set", gt=0)
+    size: int = _f(16, "image height and width in pixels", gt=0)
+    classes: int = _f(10, "number of classes", gt=0)
+    train_size: int = _f(2048, "number of training images", gt=0)
+    test_size: int = _f(512, "number of test images", gt=0)
+    noise: float = _f(1.0, "standard deviation of the noise around each class template", ge=0)
+
+
+@dataclass
+class DataConfig(Section):
+    dataset: str = _f("fashion_mnist", "data set name (see sparseham.data.DATASETS)")
+    root: str = _f("data", "directory that holds (or receives) the data set files")
+    batch_size: int = _f(128, "training mini-batch size", gt=0)
+    eval_batch_size: int = _f(1000, "batch size for validation and test passes", gt=0)
+    num_workers: int = _f(0, "DataLoader worker processes (0 loads in the main process)", ge=0)
+    download: bool = _f(False, "download the data set if it is missing under root")
+    val_split: float = _f(0.0, "fraction of the training set held out for validation", ge=0, lt=1)
+    synthetic: SyntheticConfig = _f(
+        factory=SyntheticConfig, doc="shape of the generated data when dataset is synthetic")
+
+    def _check_relations(self) -> None:
+        from .data import DATASETS  # imported late: data.py pulls in torchvision
+
+        if self.dataset not in DATASETS:
+            reason = _unknown("dataset", self.dataset, DATASETS)
+            raise FieldError.bad("dataset", self.dataset, reason)
+
+
+@dataclass
+class ModelConfig(Section):
+    name: str = _f("lenet5", "a name in sparseham.models.MODELS, or torchvision:<name>")
+
+    def _check_relations(self) -> None:
+        from .models import MODELS  # imported late: models.py pulls in torchvision
+
+        prefix, _, rest = self.name.partition(":")
+        if self.name not in MODELS and not (prefix == "torchvision" and rest.strip()):
+            reason = _unknown("model", self.name, MODELS, ", or torchvision:<name>")
+            raise FieldError.bad("name", self.name, reason)
+
+
+@dataclass
+class ScheduleConfig(Section):
+    name: Literal["cosine", "step", "constant"] = _f("cosine", "lr schedule after warmup")
+    warmup_epochs: float = _f(0.0, "epochs of linear learning-rate warmup from 0", ge=0)
+    milestones: list[float] = _f(
+        factory=lambda: [0.5, 0.75],
+        doc="step schedule: fractions of training at which lr is multiplied by gamma")
+    gamma: float = _f(0.1, "step schedule: factor applied to lr at each milestone", gt=0)
+
+    def _check_relations(self) -> None:
+        m = self.milestones
+        if not all(0 < x < 1 for x in m) or any(a >= b for a, b in zip(m, m[1:])):
+            raise FieldError.bad("milestones", m, "must be increasing fractions in (0, 1)")
+
+
+@dataclass
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = _f("sgd", "base optimizer (HAM, if enabled, wraps it)")
+    lr: float = _f(0.05, "peak learning rate", gt=0)
+    momentum: float = _f(0.9, "sgd momentum", ge=0, lt=1)
+    weight_decay: float = _f(5e-4, "weight decay (decoupled for adamw)", ge=0)
+    nesterov: bool = _f(False, "sgd: use Nesterov momentum (needs momentum > 0)")
+    betas: tuple[float, float] = _f((0.9, 0.999), "adam/adamw: decay rates of the moment estimates")
+    grad_clip: float | None = _f(None, "clip the global gradient norm to this; null = off", gt=0)
+    schedule: ScheduleConfig = _f(factory=ScheduleConfig, doc="learning-rate schedule")
+
+    def _check_relations(self) -> None:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise FieldError.bad("betas", list(self.betas), "each must be in [0, 1)")
+        if self.nesterov and self.name != "sgd":
+            reason = f"only sgd uses it; set it false for {self.name}"
+            raise FieldError.bad("nesterov", True, reason)
+        if self.nesterov and self.momentum == 0:
+            raise FieldError.bad("nesterov", True, "Nesterov momentum requires optim.momentum > 0")
+
+
+@dataclass
+class HamConfig(Section):
+    enabled: bool = _f(False, "wrap the optimizer in HAM: a hyperbolic mirror step after each "
+                              "base step")
+    alpha: float = _f(200.0, "HAM alpha: strength of the sign-aligned mirror term (may be < 0)")
+    beta: float = _f(1e-3, "HAM beta: constant shrinkage toward zero in the exponent")
+    sign: Literal["half_step", "pre_step"] = _f(
+        "half_step", "weight whose sign is used: after the base step (HYP*) or before it (HYP)")
+    clamp: float = _f(5.0, "bound on the magnitude of the exponent per step", gt=0)
+    max_norm: float | None = _f(
+        1000.0, "rescale any parameter whose L2 norm exceeds this (as the official wrapper "
+                "does); null = off", gt=0)
+    min_ndim: int = _f(2, "only parameters with at least this many dimensions get the mirror "
+                          "step", ge=1)
+    fused: bool = _f(False, "use the single-pass fused kernel (torch.compile or Triton)")
+
+
+@dataclass
+class SparsityConfig(Section):
+    method: str = _f(DENSE, "registered sparsification method (methods.available())")
+    target: float | None = _f(
+        None, "final fraction of zero weights; required unless method is dense", ge=0, lt=1)
+    distribution: Literal["uniform", "er", "erk", "global"] = _f(
+        "erk", "how the target is split over layers")
+    init: Literal["random", "magnitude", "snip", "grasp", "synflow"] = _f(
+        "random", "how the first mask is scored")
+    dense_layers: list[str] = _f(factory=list, doc="glob patterns of managed parameters kept dense")
+    exclude: list[str] = _f(factory=list, doc="glob patterns of parameters the manager skips")
+    include: list[str] | None = _f(None, "glob patterns of parameters to manage; null = all")
+    options: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={
+        "sections": True,
+        "help": "the sections sparsity.<name>: an instance of that method's Options"})
+
+    def _check_relations(self) -> None:
+        known = _method.available()
+        if self.method not in known:
+            hint = "" if known else "; import methods to register the built-ins"
+            reason = _unknown("method", self.method, known, hint)
+            raise FieldError.bad("method", self.method, reason)
+        if self.method != DENSE and self.target is None:
+            raise FieldError("target", f" is required for method '{self.method}'; "
+                                       "set it to the final fraction of zeros in [0, 1)")
+        if self.method == DENSE and self.target:
+            raise FieldError.bad("target", self.target, "method 'dense' cannot reach a target; "
+                                 "set it to 0 or null, or pick a sparse method")
+        cls = _method.get(self.method)
+        for key, supported in (
+            ("distribution", getattr(cls, "distributions", _method.DISTRIBUTIONS)),
+            ("init", getattr(cls, "inits", _DEFAULT_INITS)),
+        ):
+            if getattr(self, key) not in supported:
+                reason = f"method '{self.method}' supports only {', '.join(supported)}"
+                raise FieldError.bad(key, getattr(self, key), reason)
+        self._check_options(cls)
+
+    def _check_options(self, cls: type[_method.Method]) -> None:
+        self.options, known = dict(self.options), _method.available()
+        for name, opts in self.options.items():
+            if name not in known or not isinstance(opts, _method.get(name).Options):
+                reason = f"expected the Options of a registered method ({', '.join(known)})"
+                raise FieldError.bad(name, opts, reason)
+        if self.method not in self.options:
+            try:
+                self.options[self.method] = cls.Options()
+            except (TypeError, ValueError) as e:
+                raise FieldError(self.method, f": {e}") from None
+
+
+@dataclass
+class TrackingConfig(Section):
+    sign_flips: bool = _f(True, "count sign flips of masked and unmasked weights on the device")
+    interval: int = _f(1, "steps between sign-flip comparisons", gt=0)
+    per_weight: bool = _f(False, "also keep a per-weight flip count (one int per weight)")
+
+
+@dataclass
+class TrainConfig(Section):
+    epochs: float = _f(1.0, "training length in epochs (fractions allowed)", gt=0)
+    max_steps: int | None = _f(None, "stop after this many steps; null = use epochs", gt=0)
+    eval_every: int | None = _f(None, "steps between evaluations; null = each epoch end", gt=0)
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    amp: Literal["none", "bf16", "fp16"] = _f("none", "autocast precision of forward and backward")
+    compile: bool = _f(False, "torch.compile the model")
+    on_nonfinite: Literal["stop", "skip"] = _f(
+        "stop", "on a non-finite loss: stop the run, or skip the step and count it")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", gt=0)
+
+    def _check_relations(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise FieldError.bad("device", self.device, "expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class LoggingConfig(Section):
+    tensorboard: bool = _f(True, "write TensorBoard event files into the run directory")
+    log_every: int = _f(50, "steps between metric logs (when device counters are read)", gt=0)
+    histograms_every: int = _f(0, "steps between weight histograms; 0 = off", ge=0)
+    progress: bool = _f(True, "show a progress line on the terminal")
+
+
+@dataclass
+class CheckpointConfig(Section):
+    every: int = _f(500, "steps between checkpoints; 0 = only at the end", ge=0)
+    keep: int = _f(2, "number of most recent checkpoints kept", ge=1)
+    resume: str = _f("auto", "auto (resume from the run directory if it holds a checkpoint), "
+                             "never, or a checkpoint path")
+
+    def _check_relations(self) -> None:
+        if not self.resume.strip():
+            raise FieldError.bad("resume", self.resume, "expected auto, never or a checkpoint path")
+
+
+@dataclass
+class Config(Section):
+    """The whole resolved config; ``config_to_dict`` gives it back in the YAML layout."""
+
+    experiment: ExperimentConfig = _f(factory=ExperimentConfig, doc="run name, seed, output root")
+    data: DataConfig = _f(factory=DataConfig, doc="data set and loaders")
+    model: ModelConfig = _f(factory=ModelConfig, doc="architecture")
+    optim: OptimConfig = _f(factory=OptimConfig, doc="base optimizer and learning-rate schedule")
+    ham: HamConfig = _f(factory=HamConfig, doc="Hyperbolic Aware Minimization")
+    sparsity: SparsityConfig = _f(factory=SparsityConfig, doc="sparsification method, options")
+    tracking: TrackingConfig = _f(factory=TrackingConfig, doc="sign-flip tracking")
+    train: TrainConfig = _f(factory=TrainConfig, doc="training loop")
+    logging: LoggingConfig = _f(factory=LoggingConfig, doc="metrics, TensorBoard, progress output")
+    checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, doc="checkpoints and resuming")
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(map(_type_name, args))
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if origin is tuple:
+        return f"[{', '.join(map(_type_name, args))}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
+
+
+def _help_lines(cls: type, prefix: str) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = hints(cls).get(f.name)
+        if f.metadata.get("sections") or not f.init:
+            continue
+        if isinstance(tp, type) and issubclass(tp, Section):
+            lines += _help_lines(tp, f"{prefix}{f.name}.")
+            continue
+        limits = range_text(f.metadata)
+        lines.append(f"{prefix}{f.name}: {_type_name(tp) if tp else 'any'} = "
+                     f"{_default_text(f).strip()}{f' ({limits})' if limits else ''}")
+        lines.append(f"    {f.metadata.get('help', '')}")
+    return lines
+
+
+def help_text() -> str:
+    """Every config key with its type, default, range and help, one key per two lines."""
+    lines = _help_lines(Config, "")
+    for name in _method.available():
+        options_cls = _method.get(name).Options
+        if dataclasses.fields(options_cls):
+            lines.append(f"# sparsity.{name}: options of method '{name}'")
+            lines += _help_lines(options_cls, f"sparsity.{name}.")
+    return "\n".join(lines)

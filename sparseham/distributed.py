@@ -1,0 +1,64 @@
+"""Multi-process training with torchrun: process-group set-up and the rank-0 rule.
+
+``torchrun --nproc_per_node=N train.py ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; this
+module joins the group (gloo on CPU, nccl on CUDA) and wraps the model in
+``DistributedDataParallel``. Only rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Dist", "init_distributed", "wrap_model"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits: ``rank`` of ``world_size``; ``local_rank`` picks its GPU."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def any_true(self, flag: bool, device: torch.device) -> bool:
+        """Agree across ranks: True when ``flag`` is True on any rank (a host sync)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=device)
+        dist.all_reduce(t)
+        return int(t) > 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group when ``WORLD_SIZE > 1``; a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def wrap_model(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+    """Wrap ``model`` in DDP when running distributed."""
+    if not d.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)

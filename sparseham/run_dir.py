@@ -1,0 +1,123 @@
+"""The run directory: refuse to mix runs, skip finished ones, and write ``final.json``'s summary."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Config, config_to_dict
+from .config_types import ConfigError
+
+__all__ = ["prepare_run_dir", "final_summary", "RunDirError"]
+
+# Keys that may change between invocations of the same run without changing the run.
+_IGNORED = {
+    ("experiment", "out_dir"),
+    ("checkpoint", "resume"),
+    ("logging", "progress"),
+    ("data", "num_workers"),
+}
+
+
+class RunDirError(ConfigError):
+    """``--out`` points at a directory that holds a different run."""
+
+
+def _first_difference(old: Any, new: Any, path: tuple = ()) -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if path + (key,) in _IGNORED:
+                continue
+            diff = _first_difference(old.get(key), new.get(key), path + (key,))
+            if diff:
+                return diff
+        return None
+    return None if old == new else f"{'.'.join(map(str, path))}: {old!r} there, {new!r} now"
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, *, force: bool = False) -> bool:
+    """Create ``run_dir`` or check that it holds this same run. Returns False when it is finished.
+
+    With ``force``, a directory holding another run is renamed aside (nothing is deleted).
+    """
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        try:
+            old = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError:
+            old = {}
+        diff = _first_difference(old, config_to_dict(cfg))
+        if diff and not force:
+            raise RunDirError(
+                f"{run_dir} holds a run with a different config ({diff}); "
+                "choose another --out, or pass --force to move the old run aside"
+            )
+        if diff and _is_main():
+            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            print(f"moved the previous run to {aside}", flush=True)
+        elif (run_dir / "final.json").exists():
+            print(f"{run_dir} is already finished (final.json exists); nothing to do", flush=True)
+            return False
+    if _is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return True
+
+
+def final_summary(trainer, results: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """The contents of ``final.json`` (see DESIGN.md's run-directory contract)."""
+    cfg, mm = trainer.cfg, trainer.mm
+    sparsity = mm.layer_sparsity()
+    flips = mm.tracker.read() if mm.tracker is not None else {}
+    layers = {}
+    for name, p in zip(mm.names, mm.params):
+        f = flips.get(name, {})
+        layers[name] = {
+            "shape": list(p.shape),
+            "numel": p.numel(),
+            "sparsity": sparsity[name],
+            "flips_masked": f.get("masked", 0),
+            "flips_unmasked": f.get("unmasked", 0),
+        }
+    numel = sum(p.numel() for p in mm.params)
+    return {
+        "test_acc": results["test"][1],
+        "test_loss": results["test"][0],
+        "val_acc": results["val"][1] if "val" in results else None,
+        "sparsity": mm.sparsity(),
+        "target": cfg.sparsity.target or 0.0,
+        "steps": trainer.step,
+        "epochs": trainer.step / trainer.steps_per_epoch,
+        "skipped_steps": trainer.skipped,
+        "wall_time_s": trainer.logger.wall_time(),
+        "method": cfg.sparsity.method,
+        "distribution": cfg.sparsity.distribution,
+        "ham": {
+            "enabled": cfg.ham.enabled,
+            "alpha": cfg.ham.alpha,
+            "beta": cfg.ham.beta,
+            "sign": cfg.ham.sign,
+        },
+        "lr": cfg.optim.lr,
+        "optimizer": cfg.optim.name,
+        "seed": cfg.experiment.seed,
+        "dataset": cfg.data.dataset,
+        "model": cfg.model.name,
+        "flips_masked": sum(f["masked"] for f in flips.values()),
+        "flips_unmasked": sum(f["unmasked"] for f in flips.values()),
+        "ever_flipped_frac": sum(f["ever_flipped"] for f in flips.values()) / numel if flips else None,
+        "differs_from_init_frac": sum(f["differs_from_init"] for f in flips.values()) / numel
+        if flips
+        else None,
+        "layers": layers,
+        "config": config_to_dict(cfg),
+        "finished": True,
+    }

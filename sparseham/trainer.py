@@ -1,0 +1,340 @@
+"""The training loop behind ``train.py``: build from a config, train, evaluate, checkpoint, resume.
+
+Reading top to bottom: :func:`run` prepares the run directory, :class:`Trainer` builds every
+object from the config, resumes from the newest good checkpoint, and loops. One iteration is
+forward, backward, ``MaskManager.step()`` (the whole sparse pipeline), the LR schedule, and the
+logger's device-side accumulation; everything that reads device values happens at log,
+evaluation and checkpoint intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .build import build_method, build_optimizer, build_scheduler, build_tracker, resolve_device
+from .config import Config, config_to_dict, dump_config
+from .data import build_data
+from .distributed import init_distributed, wrap_model
+from .logging import RunLogger
+from .masks import MaskManager
+from .models import build_model
+from .run_dir import final_summary, prepare_run_dir
+
+__all__ = ["run", "Trainer", "TrainingStopped"]
+
+
+class TrainingStopped(Exception):
+    """Training stopped early on purpose; ``code`` is the exit status, ``message`` says why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Trainer:
+    """Owns the objects of one run; see the module docstring."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.device = resolve_device(cfg.train.device)
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        torch.manual_seed(cfg.experiment.seed)
+        random.seed(cfg.experiment.seed)
+        d = cfg.data
+        self.data = build_data(
+            d.dataset,
+            root=d.root,
+            batch_size=d.batch_size,
+            seed=cfg.experiment.seed,
+            num_workers=d.num_workers,
+            download=d.download,
+            val_split=d.val_split,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            synthetic=config_to_dict(cfg)["data"]["synthetic"],
+            eval_batch_size=d.eval_batch_size,
+        )
+        info = self.data.info
+        self.model = build_model(
+            cfg.model.name,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            image_size=info.image_size,
+        ).to(self.device)
+        self.accum = cfg.train.grad_accum
+        self.steps_per_epoch = len(self.data.train) // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"train.grad_accum = {self.accum} exceeds the {len(self.data.train)} batches of an epoch"
+            )
+        t = cfg.train
+        self.total = t.max_steps if t.max_steps else max(1, round(t.epochs * self.steps_per_epoch))
+        self.opt = build_optimizer(cfg, self.model)
+        self.sched = build_scheduler(cfg, self.opt, self.total, self.steps_per_epoch)
+        s = cfg.sparsity
+        self.mm = MaskManager(
+            self.model,
+            self.opt,
+            build_method(cfg),
+            build_tracker(cfg),
+            s.include,
+            s.exclude,
+            total_steps=self.total,
+            steps_per_epoch=self.steps_per_epoch,
+            data=self._scoring_batches(),
+        )
+        self._sync_masks()
+        self.net = wrap_model(self.model, self.dist, self.device)
+        if t.compile:
+            self.net = torch.compile(self.net)
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
+        if t.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("train.amp = 'fp16' needs CUDA (GradScaler); use bf16 on the CPU")
+        self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
+        self.step, self.skipped, self.stop_signal = 0, 0, None
+
+    def _scoring_batches(self):
+        """Batches for data-driven mask scoring (SNIP, GraSP), produced lazily on first use."""
+        for x, y in self.data.train.epoch(0):
+            yield x.to(self.device), y.to(self.device)
+
+    def _sync_masks(self) -> None:
+        """Under DDP, rank 0's initial masks win (data-driven scores differ per data shard)."""
+        if not self.dist.enabled or self.mm.masks is None:
+            return
+        import torch.distributed as dist
+
+        masks = [m.to(torch.uint8) for m in self.mm.masks]
+        for m in masks:
+            dist.broadcast(m, 0)
+        self.mm.set_masks([m.bool() for m in masks], expected=self.mm.expected)
+        self.mm.mask_events.clear()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "config": config_to_dict(self.cfg),
+            "step": self.step,
+            "skipped": self.skipped,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "manager": self.mm.state_dict(),
+            "logger": self.logger.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "random": random.getstate()[1],
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            ckpt.save_checkpoint(self.state_dict(), self.run_dir, keep=self.cfg.checkpoint.keep)
+        self.dist.barrier()
+
+    def resume(self) -> int:
+        """Restore the newest good checkpoint (falling back past damaged ones); returns its step."""
+        where = self.cfg.checkpoint.resume
+        if where == "never" or (where == "auto" and not ckpt.candidates(self.run_dir)):
+            return 0
+        if where == "auto":
+            path, state, problems = ckpt.latest_good_checkpoint(self.run_dir, map_location=self.device)
+            for problem in problems:
+                print(f"warning: skipped a damaged checkpoint: {problem}", flush=True)
+        else:
+            path, state = Path(where), ckpt.load_checkpoint(where, map_location=self.device)
+        self.mm.load_state_dict(state["manager"])  # first: a method may reshape the model (STR)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        self._resume_rng(state["rng"])
+        self._logger_state = state["logger"]
+        print(f"resumed from {path} at step {self.step}", flush=True)
+        return self.step
+
+    def _resume_rng(self, rng: dict) -> None:
+        torch.set_rng_state(rng["torch"].cpu())
+        random.setstate((3, tuple(rng["random"]), None))
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict:
+        self._logger_state = None
+        start = self.resume()
+        self.logger = RunLogger(
+            self.run_dir,
+            self.mm,
+            self.cfg,
+            total_steps=self.total,
+            steps_per_epoch=self.steps_per_epoch,
+            start_step=start,
+            enabled=self.dist.is_main,
+        )
+        if self._logger_state:
+            self.logger.load_state_dict(self._logger_state)
+        self.logger.event(
+            {
+                "event": "start",
+                "step": start,
+                "total_steps": self.total,
+                "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.dist.world_size,
+                "resumed": bool(start),
+            }
+        )
+        self._install_signals()
+        while self.step < self.total:
+            epoch, index = divmod(self.step, self.steps_per_epoch)
+            batches = self.data.train.epoch(epoch, start=index * self.accum)
+            for _ in range(index, self.steps_per_epoch):
+                self.train_step([next(batches) for _ in range(self.accum)])
+                self.after_step()
+                if self.step >= self.total:
+                    break
+        return self.finish()
+
+    def train_step(self, micro: list) -> None:
+        for x, y in micro:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = self.net(x)
+                loss = F.cross_entropy(logits.float(), y)
+            scaled = loss / self.accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            self.logger.record_batch(loss, logits, y)
+        if self._nonfinite(loss):
+            return
+        self.mm.step(scaler=self.scaler)
+        if self.scaler:
+            self.scaler.update()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def _nonfinite(self, loss) -> bool:
+        """One host read per step: the loss and every gradient must be finite."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        bad = ~torch.isfinite(loss.detach())
+        if grads and self.scaler is None:
+            bad |= ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        if not bool(bad):
+            return False
+        self.opt.zero_grad(set_to_none=True)
+        where = f"step {self.step + 1} (epoch {self.step / self.steps_per_epoch:.2f})"
+        if self.cfg.train.on_nonfinite == "skip":
+            self.skipped += 1
+            self.logger.event({"event": "skip", "step": self.step + 1, "skipped": self.skipped})
+            self.sched.step()
+            return True
+        self.save()
+        raise TrainingStopped(
+            1,
+            f"non-finite loss or gradient at {where}: the last good state is in "
+            f"{self.run_dir / ckpt.LATEST}; lower optim.lr, or set train.on_nonfinite: skip",
+        )
+
+    def after_step(self) -> None:
+        self.step += 1
+        step, cfg = self.step, self.cfg
+        if step % cfg.logging.log_every == 0 or step == self.total:
+            self.logger.log(step, self.opt.param_groups[0]["lr"])
+        if cfg.logging.histograms_every and step % cfg.logging.histograms_every == 0:
+            self.logger.histograms(step)
+        if step % self.steps_per_epoch == 0:
+            self.logger.event(
+                {
+                    "event": "sparsity",
+                    "step": step,
+                    "epoch": step / self.steps_per_epoch,
+                    "target": cfg.sparsity.target or 0.0,
+                    "achieved": self.mm.sparsity(),
+                }
+            )
+        every = cfg.train.eval_every or self.steps_per_epoch
+        if step % every == 0 and step < self.total:
+            self.evaluate(step)
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < self.total:
+            self.save()
+        self._check_signal()
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, tuple[float, float]]:
+        self.model.eval()
+        out = {}
+        for split, loader in (("val", self.data.val), ("test", self.data.test)):
+            if loader is None:
+                continue
+            loss = torch.zeros((), device=self.device)
+            correct = torch.zeros((), dtype=torch.int64, device=self.device)
+            for x, y in loader.epoch(0):
+                x, y = x.to(self.device), y.to(self.device)
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    logits = self.model(x).float()
+                loss += F.cross_entropy(logits, y, reduction="sum")
+                correct += (logits.argmax(1) == y).sum()
+            n = loader.num_samples
+            out[split] = (loss.item() / n, correct.item() / n)
+            self.logger.log_eval(step, split, *out[split])
+        self.model.train()
+        return out
+
+    def finish(self) -> dict:
+        self.mm.method.finalize(self.mm)
+        self.mm.verify()
+        results = self.evaluate(self.step)
+        final = final_summary(self, results)
+        self.save()
+        if self.dist.is_main:
+            (self.run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+        self.logger.finish(final)
+        return final
+
+    # -- signals --------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        def handler(signum, frame):
+            self.stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def _check_signal(self) -> None:
+        # Under DDP every rank must stop at the same step: agree at log intervals only.
+        if self.dist.enabled and self.step % self.cfg.logging.log_every:
+            return
+        if self.dist.any_true(self.stop_signal is not None, self.device):
+            self.save()
+            name = signal.Signals(self.stop_signal or signal.SIGTERM).name
+            raise TrainingStopped(
+                128 + (self.stop_signal or signal.SIGTERM),
+                f"{name}: stopped at step {self.step}; checkpoint written; re-run the same command to resume",
+            )
+
+
+def run(cfg: Config, run_dir: Path, *, force: bool = False) -> int:
+    """Train ``cfg`` into ``run_dir``; returns the process exit status."""
+    if not prepare_run_dir(run_dir, cfg, force=force):
+        return 0
+    trainer = Trainer(cfg, run_dir)
+    if trainer.dist.is_main:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    try:
+        trainer.train()
+    except TrainingStopped as stop:
+        trainer.logger.close()
+        print(stop, flush=True)
+        return stop.code
+    return 0
