@@ -192,20 +192,30 @@ class MaskManager:
             torch._foreach_mul_(tensors, keep)
 
     # -- measurements (host reads: call at log intervals only) ----------------------------------
-    def nonzeros(self) -> Tensor:
-        """Per-layer count of non-zero effective weights, as one device tensor."""
-        weights = self.method.effective_weights(self)
-        return torch.stack([torch.count_nonzero(w) for w in weights])
+    def kept(self) -> Tensor:
+        """Per-layer count of kept weights, as one device tensor.
+
+        With masks in force this is the mask size: the budget the method imposes (a kept weight
+        may still be exactly zero, e.g. just grown). Without masks (dense, STR before it
+        projects, AC/DC decompressed) it is the count of non-zero effective weights.
+        """
+        if self.masks is not None and self.method.masking:
+            return torch.stack([m.sum() for m in self.masks])
+        return torch.stack([torch.count_nonzero(w) for w in self.method.effective_weights(self)])
+
+    def zeros(self) -> Tensor:
+        """Per-layer count of effective weights that are exactly zero, as one device tensor."""
+        return torch.stack([(w == 0).sum() for w in self.method.effective_weights(self)])
 
     def layer_sparsity(self) -> dict[str, float]:
-        """Achieved sparsity of each managed tensor (reads the device)."""
-        nnz = self.nonzeros().tolist()
-        return {n: 1.0 - k / p.numel() for n, k, p in zip(self.names, nnz, self.params)}
+        """Achieved sparsity of each managed tensor, ``1 - kept / numel`` (reads the device)."""
+        kept = self.kept().tolist()
+        return {n: 1.0 - k / p.numel() for n, k, p in zip(self.names, kept, self.params)}
 
     def sparsity(self) -> float:
         """Achieved sparsity over all managed weights (reads the device)."""
         total = sum(p.numel() for p in self.params)
-        return 1.0 - float(self.nonzeros().sum()) / total
+        return 1.0 - float(self.kept().sum()) / total
 
     def verify(self) -> None:
         """Check masks against the method's counts and that pruned weights are zero.

@@ -1,0 +1,237 @@
+"""The contract every registered method keeps, composed with HAM, plus method-specific checks."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import methods
+from sparseham import HAM, MaskManager, SignFlipTracker
+from sparseham.schedules import acdc_phases, cosine_drop_fraction, phase_at
+
+TOTAL = 40
+KWARGS = {
+    "dense": {},
+    "static": {"target": 0.9, "init": "snip"},
+    "rigl": {"target": 0.9, "update_every": 4},
+    "set": {"target": 0.9, "update_every": 4},
+    "acdc": {"target": 0.9, "warmup": 4, "phase": 6, "final": 10, "unit": "steps"},
+    "str": {"target": 0.9, "s_init": -3.0, "project_at": 0.5},
+}
+
+
+def test_every_registered_method_is_covered():
+    assert set(methods.available()) == set(KWARGS)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.fc1 = nn.Linear(8 * 6 * 6, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+
+
+def _build(name, opt_name="sgd"):
+    torch.manual_seed(0)
+    model = Net()
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+            "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}[opt_name]
+    opt = HAM(make(model.parameters()), alpha=20.0, beta=1e-2)
+    mm = MaskManager(model, opt, methods.get(name)(**KWARGS[name]), tracker=SignFlipTracker(),
+                     total_steps=TOTAL, steps_per_epoch=10, data=[_batch(-1)])
+    return model, opt, mm
+
+
+def _step(model, opt, mm, step):
+    x, y = _batch(step)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    mm.step()
+
+
+def _check_invariants(mm, opt):
+    mm.verify()  # exact per-layer (or global) counts and no leaked weight
+    if not (mm.masks is not None and mm.method.masking):
+        return
+    for p, m in zip(mm.params, mm.masks):
+        assert torch.all(p[~m] == 0)
+        for value in opt.state[p].values():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                assert torch.all(value[~m] == 0)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+@pytest.mark.parametrize("name", sorted(KWARGS))
+def test_invariants_after_every_step(name, opt_name):
+    model, opt, mm = _build(name, opt_name)
+    _check_invariants(mm, opt)
+    for step in range(TOTAL):
+        _step(model, opt, mm, step)
+        _check_invariants(mm, opt)
+    mm.method.finalize(mm)
+    _check_invariants(mm, opt)
+    if name != "dense":
+        assert mm.sparsity() == pytest.approx(0.9, abs=1.5 / sum(p.numel() for p in mm.params))
+
+
+@pytest.mark.parametrize("name", sorted(KWARGS))
+def test_ham_never_revives_a_zero(name):
+    model, opt, mm = _build(name)
+    for step in range(TOTAL // 2):
+        zeros = [p.detach() == 0 for p in mm.params]
+        x, y = _batch(step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for p, z in zip(mm.params, zeros):
+            p.grad[z] = 0.0  # with no gradient, only the mirror step could move a zero
+        opt.step()
+        assert all(torch.all(p[z] == 0) for p, z in zip(mm.params, zeros))
+
+
+@pytest.mark.parametrize("name", sorted(KWARGS))
+def test_state_dict_round_trip_mid_training_is_bit_identical(name):
+    model, opt, mm = _build(name)
+    for step in range(TOTAL // 2 + 3):
+        _step(model, opt, mm, step)
+    saved = copy.deepcopy((mm.state_dict(), model.state_dict(), opt.state_dict()))
+    for step in range(TOTAL // 2 + 3, TOTAL):
+        _step(model, opt, mm, step)
+    model2, opt2, mm2 = _build(name)
+    mm2.load_state_dict(saved[0])  # first: STR may have reshaped the model
+    model2.load_state_dict(saved[1])
+    opt2.load_state_dict(saved[2])
+    for step in range(TOTAL // 2 + 3, TOTAL):
+        _step(model2, opt2, mm2, step)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert mm.tracker.read() == mm2.tracker.read()
+
+
+# -- RigL ---------------------------------------------------------------------------------------
+
+
+def test_rigl_drop_fraction_schedule_values():
+    assert cosine_drop_fraction(0, 1000, 0.3) == pytest.approx(0.3)
+    assert cosine_drop_fraction(250, 1000, 0.3) == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
+    assert cosine_drop_fraction(500, 1000, 0.3) == pytest.approx(0.15)
+    assert cosine_drop_fraction(1000, 1000, 0.3) == 0.0
+
+
+@pytest.mark.parametrize("name", ["rigl", "set"])
+def test_rigl_drop_and_grow_disjoint_and_grown_start_at_zero(name):
+    model, opt, mm = _build(name)
+    rigl = mm.method
+    assert rigl.end_step == 30
+    for step in range(1, 4):
+        _step(model, opt, mm, step)
+    before = [m.clone() for m in mm.masks]
+    weights_before = [p.detach().clone() for p in mm.params]
+    _step(model, opt, mm, 4)  # step 4 is an update step
+    f = cosine_drop_fraction(4, 30, 0.3)
+    for p, old, new, k in zip(mm.params, before, mm.masks, rigl.counts):
+        dropped, grown = old & ~new, new & ~old
+        d = min(math.floor(f * k), p.numel() - k)
+        assert int(dropped.sum()) == int(grown.sum()) == d
+        assert not torch.any(dropped & grown)
+        assert int(new.sum()) == k
+        assert torch.all(p[grown] == 0)
+        assert torch.all(opt.state[p]["momentum_buffer"][grown] == 0)
+    if name == "rigl":  # the grown weights had the largest dense gradients among the inactive
+        assert weights_before is not None
+
+
+def test_rigl_grows_by_dense_gradient():
+    model, opt, mm = _build("rigl")
+    for step in range(1, 4):
+        _step(model, opt, mm, step)
+    x, y = _batch(4)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    dense = [p.grad.abs().clone() for p in mm.params]
+    old = [m.clone() for m in mm.masks]
+    mm.step()
+    for g, o, new in zip(dense, old, mm.masks):
+        grown = new & ~o
+        if grown.any():
+            inactive_not_grown = ~o & ~grown
+            assert g[grown].min() >= g[inactive_not_grown].max()
+
+
+# -- AC/DC --------------------------------------------------------------------------------------
+
+
+def test_acdc_timeline_matches_config():
+    phases = acdc_phases(100, warmup=10, phase=5, final=15)
+    assert phases[0].start == 0 and phases[0].end == 10 and not phases[0].sparse
+    kinds = [(p.start, p.end, p.sparse) for p in phases[1:]]
+    # C 10-15, D 15-20, ..., D 75-80; the compressed phase 80-85 merges with the final 85-100.
+    expected = [(10 + 5 * i, 15 + 5 * i, i % 2 == 0) for i in range(14)] + [(80, 100, True)]
+    assert kinds == expected
+    assert phase_at(phases, 99).sparse and not phase_at(phases, 15).sparse
+
+
+def test_acdc_runs_the_timeline_step_by_step():
+    model, opt, mm = _build("acdc")
+    phases = mm.method.phases
+    for step in range(TOTAL):
+        expect_sparse = phase_at(phases, step).sparse
+        assert (mm.masks is not None) == expect_sparse, f"step {step}"
+        _step(model, opt, mm, step)
+    assert mm.masks is not None and mm.phase == "compressed"
+
+
+def test_acdc_churn_between_compressed_phases():
+    model, opt, mm = _build("acdc")
+    for step in range(TOTAL):
+        _step(model, opt, mm, step)
+    churns = [e["churn"] for e in mm.mask_events if e["phase"] == "compressed"]
+    assert churns[0] is None  # the first compression has nothing to compare with
+    assert all(c is not None and int(c.sum()) % 2 == 0 for c in churns[1:])
+
+
+# -- STR ----------------------------------------------------------------------------------------
+
+
+def test_str_forward_is_soft_threshold_and_tracks_implicit_mask():
+    model, opt, mm = _build("str")
+    conv = model.conv
+    latent = conv.parametrizations.weight.original
+    tau = torch.sigmoid(conv.parametrizations.weight[0].s)
+    expected = torch.sign(latent) * torch.relu(latent.abs() - tau)
+    assert torch.equal(conv.weight, expected)
+    assert torch.equal(mm.method.tracking_masks(mm)[0], latent.abs() > tau)
+
+
+def test_str_target_mode_lands_on_target():
+    model, opt, mm = _build("str")
+    for step in range(TOTAL):
+        _step(model, opt, mm, step)
+    mm.method.finalize(mm)
+    assert abs(mm.sparsity() - 0.9) <= 0.01
+    assert all(torch.equal(p != 0, m) for p, m in zip(mm.params, mm.masks))
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_method_option_errors():
+    with pytest.raises(TypeError, match="rigl: unknown option 'update_evry'; did you mean 'update_every'"):
+        methods.get("rigl")(target=0.9, update_evry=3)
+    with pytest.raises(ValueError, match=r"target must be in \[0, 1\), got 1.5"):
+        methods.get("rigl")(target=1.5)
+    with pytest.raises(ValueError, match="dense: target must be 0"):
+        methods.get("dense")(target=0.5)
+    with pytest.raises(ValueError, match="mode must be target or free"):
+        methods.get("str")(target=0.9, mode="exact")
+    model = Net()
+    with pytest.raises(ValueError, match="rigl: needs the length of training"):
+        MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), methods.get("rigl")(target=0.9))
