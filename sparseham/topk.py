@@ -28,7 +28,9 @@ def topk_mask(scores: Tensor, k: int | Tensor) -> Tensor:
             return torch.zeros_like(scores, dtype=torch.bool)
         if k >= n:
             return torch.ones_like(scores, dtype=torch.bool)
-    flat = torch.nan_to_num(flat.float(), nan=-torch.inf)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # kthvalue needs a full-precision float; float64 keeps tiny/huge scores apart
+    flat = torch.nan_to_num(flat, nan=-torch.inf)
     # The k-th largest is the (n - k + 1)-th smallest.
     threshold = torch.kthvalue(flat, n - k + 1).values
     above = flat > threshold
@@ -40,6 +42,6 @@ def topk_mask(scores: Tensor, k: int | Tensor) -> Tensor:
 
 def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     """Masks of the ``k`` largest entries over all tensors together (one global threshold)."""
-    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    flat = torch.cat([s.reshape(-1) for s in scores])
     keep = topk_mask(flat, k)
     return [m.view(s.shape) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
