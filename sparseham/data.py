@@ -39,7 +39,7 @@ NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 SYNTHETIC_DEFAULTS = {"channels": 1, "size": 16, "classes": 10, "train_size": 2048,
-                      "test_size": 512, "noise": 5.0}
+                      "test_size": 512, "noise": 1.0}
 
 
 @dataclass(frozen=True)

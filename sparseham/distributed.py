@@ -7,14 +7,16 @@ module joins the group (gloo on CPU, nccl on CUDA) and wraps the model in
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "init_distributed", "wrap_model"]
+__all__ = ["Dist", "init_distributed", "wrap_model", "rank_digests"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +64,20 @@ def wrap_model(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def rank_digests(d: Dist, tensors: Iterable[torch.Tensor]) -> list[str]:
+    """SHA-256 of ``tensors`` (bytes, in order) on every rank, gathered to all ranks (host sync).
+
+    Used once at the end of training to prove that masks, weights, optimizer and tracker state
+    stayed bitwise identical across ranks.
+    """
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    mine = h.hexdigest()
+    if not d.enabled:
+        return [mine]
+    gathered: list[str] = [""] * d.world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered

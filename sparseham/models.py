@@ -8,6 +8,7 @@ bias. ``"torchvision:<name>"`` builds any torchvision classification model, untr
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torchvision
@@ -26,12 +27,12 @@ VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 
 def lenet300(*, num_classes: int, in_channels: int, image_size: int) -> nn.Sequential:
     """LeNet-300-100 (LeCun et al. 1998): two hidden ReLU layers of 300 and 100 units."""
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(in_channels * image_size**2, 300), nn.ReLU(inplace=True),
-        nn.Linear(300, 100), nn.ReLU(inplace=True),
-        nn.Linear(100, num_classes),
-    )
+    return nn.Sequential(OrderedDict([
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(in_channels * image_size**2, 300)), ("relu1", nn.ReLU(inplace=True)),
+        ("fc2", nn.Linear(300, 100)), ("relu2", nn.ReLU(inplace=True)),
+        ("fc3", nn.Linear(100, num_classes)),
+    ]))
 
 
 def lenet5(*, num_classes: int, in_channels: int, image_size: int) -> nn.Sequential:
@@ -44,13 +45,14 @@ def lenet5(*, num_classes: int, in_channels: int, image_size: int) -> nn.Sequent
     if side < 1:
         raise ValueError(f"lenet5 needs image_size >= 16, got {image_size}; use lenet300 or "
                          "a resnet for smaller images")
-    model = nn.Sequential(
-        nn.Conv2d(in_channels, 20, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(20, 50, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(50 * side * side, 500), nn.ReLU(inplace=True),
-        nn.Linear(500, num_classes),
-    )
+    # Named layers, so logs and reports say conv1/fc1 rather than 0/7.
+    model = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(in_channels, 20, 5)), ("relu1", nn.ReLU(inplace=True)), ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(20, 50, 5)), ("relu2", nn.ReLU(inplace=True)), ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(50 * side * side, 500)), ("relu3", nn.ReLU(inplace=True)),
+        ("fc2", nn.Linear(500, num_classes)),
+    ]))
     return init_weights(model)
 
 

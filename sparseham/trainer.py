@@ -21,9 +21,9 @@ from . import checkpoint as ckpt
 from .build import build_method, build_optimizer, build_scheduler, build_tracker, resolve_device
 from .config import Config, config_to_dict, dump_config
 from .data import build_data
-from .distributed import init_distributed, wrap_model
+from .distributed import init_distributed, rank_digests, wrap_model
 from .logging import RunLogger
-from .masks import MaskManager
+from .masks import MaskInvariantError, MaskManager
 from .models import build_model
 from .run_dir import final_summary, prepare_run_dir
 
@@ -297,11 +297,22 @@ class Trainer:
         self.mm.verify()
         results = self.evaluate(self.step)
         final = final_summary(self, results)
+        final["world_size"] = self.dist.world_size
+        final["rank_digests"] = self._rank_digests()
         self.save()
         if self.dist.is_main:
             (self.run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
         self.logger.finish(final)
         return final
+
+    def _rank_digests(self) -> list[str]:
+        """Every rank's digest of masks, weights, optimizer and tracker state; they must agree."""
+        state = [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        tracker = self.mm.tracker.codes if self.mm.tracker is not None else []
+        digests = rank_digests(self.dist, [*(self.mm.masks or []), *self.model.parameters(), *state, *tracker])
+        if len(set(digests)) != 1:
+            raise MaskInvariantError(f"ranks ended with different masks or weights: digests {digests}")
+        return digests
 
     # -- signals --------------------------------------------------------------------------------
     def _install_signals(self) -> None:
