@@ -47,8 +47,10 @@ def lenet5(*, num_classes: int, in_channels: int, image_size: int) -> nn.Sequent
                          "a resnet for smaller images")
     # Named layers, so logs and reports say conv1/fc1 rather than 0/7.
     model = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(in_channels, 20, 5)), ("relu1", nn.ReLU(inplace=True)), ("pool1", nn.MaxPool2d(2)),
-        ("conv2", nn.Conv2d(20, 50, 5)), ("relu2", nn.ReLU(inplace=True)), ("pool2", nn.MaxPool2d(2)),
+        ("conv1", nn.Conv2d(in_channels, 20, 5)), ("relu1", nn.ReLU(inplace=True)),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(20, 50, 5)), ("relu2", nn.ReLU(inplace=True)),
+        ("pool2", nn.MaxPool2d(2)),
         ("flatten", nn.Flatten()),
         ("fc1", nn.Linear(50 * side * side, 500)), ("relu3", nn.ReLU(inplace=True)),
         ("fc2", nn.Linear(500, num_classes)),

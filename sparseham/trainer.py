@@ -309,7 +309,8 @@ class Trainer:
         """Every rank's digest of masks, weights, optimizer and tracker state; they must agree."""
         state = [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)]
         tracker = self.mm.tracker.codes if self.mm.tracker is not None else []
-        digests = rank_digests(self.dist, [*(self.mm.masks or []), *self.model.parameters(), *state, *tracker])
+        tensors = [*(self.mm.masks or []), *self.model.parameters(), *state, *tracker]
+        digests = rank_digests(self.dist, tensors)
         if len(set(digests)) != 1:
             raise MaskInvariantError(f"ranks ended with different masks or weights: digests {digests}")
         return digests
