@@ -1,8 +1,8 @@
 """The fused mirror step: one compiled pass per tensor (torch.compile; Triton on CUDA).
 
 ``torch.compile`` caches one graph per parameter layout (number, shapes, dtypes and devices of
-the tensors). ``lr``, ``alpha`` and ``beta`` are traced as symbolic floats, so a learning-rate
-schedule does not recompile.
+the tensors). ``dynamic=None`` lets the second distinct ``lr`` recompile once with ``lr``,
+``alpha`` and ``beta`` as symbolic floats; after that a learning-rate schedule does not recompile.
 """
 
 from __future__ import annotations
@@ -15,11 +15,20 @@ __all__ = ["fused_ham"]
 
 def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp: float, max_norm):
     for p, g, s in zip(params, grads, signs):
-        e = torch.nan_to_num(torch.sign(s) * g * (-lr * alpha) - lr * beta, nan=0.0)
+        e = torch.sign(s) * g * (-lr * alpha) - lr * beta
+        # NaN -> 0 (the clamp handles +-inf); a where() compiles to a vector select, nan_to_num
+        # to a scalar loop.
+        e = torch.where(e == e, e, 0.0)
         new = p * torch.exp(torch.clamp(e, -clamp, clamp))
         if max_norm is not None:
-            new = new * torch.clamp(max_norm / torch.linalg.vector_norm(new), max=1.0)
+            new = new * _cap(max_norm, torch.linalg.vector_norm(new))
         p.copy_(new)
+
+
+def _cap(max_norm: float, norm: torch.Tensor) -> torch.Tensor:
+    """Scale factor that brings ``norm`` down to ``max_norm``; 1 for a non-finite norm, so one
+    NaN entry does not poison the whole tensor."""
+    return torch.where(torch.isfinite(norm), torch.clamp(max_norm / norm, max=1.0), 1.0)
 
 
 _compiled = None
@@ -39,5 +48,5 @@ def fused_ham(
     """Apply the mirror step to every tensor in one compiled call (see ``sparseham.ham``)."""
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(_ham_pass, fullgraph=True, dynamic=False)
+        _compiled = torch.compile(_ham_pass, fullgraph=True, dynamic=None)
     _compiled(params, grads, signs, lr, float(alpha), float(beta), float(clamp), max_norm)

@@ -194,7 +194,7 @@ def _single_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm
         e.nan_to_num_(nan=0.0).clamp_(-clamp, clamp)
         p.mul_(e.exp_())
         if max_norm is not None:
-            p.mul_(torch.clamp(max_norm / torch.linalg.vector_norm(p), max=1.0))
+            cap_norms_([p], max_norm)
 
 
 def _multi_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm) -> None:
@@ -205,10 +205,8 @@ def _multi_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm)
         torch._foreach_mul_(e, -lr * alpha)
         if beta != 0:
             torch._foreach_add_(e, -lr * beta)
-        for t in e:  # there is no foreach nan_to_num; one in-place pass per tensor
-            t.nan_to_num_(nan=0.0)
-        torch._foreach_clamp_min_(e, -clamp)
-        torch._foreach_clamp_max_(e, clamp)
+        for t in e:  # there is no foreach nan_to_num; one fused clamp per tensor in the same loop
+            t.nan_to_num_(nan=0.0).clamp_(-clamp, clamp)
         torch._foreach_exp_(e)
         torch._foreach_mul_(dev_params, e)
         if max_norm is not None:
@@ -218,6 +216,7 @@ def _multi_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm)
 def cap_norms_(tensors: list[Tensor], max_norm: float) -> None:
     """Rescale, in place and on the device, every tensor whose L2 norm exceeds ``max_norm``."""
     norms = torch.stack(torch._foreach_norm(tensors))
-    # A zero norm gives inf, clamped to 1: nothing changes.
-    scale = torch.clamp(max_norm / norms, max=1.0)
+    # A zero norm gives inf, clamped to 1: nothing changes. A non-finite norm (a NaN entry) leaves
+    # the tensor alone rather than spreading the NaN to every entry.
+    scale = torch.where(torch.isfinite(norms), torch.clamp(max_norm / norms, max=1.0), 1.0)
     torch._foreach_mul_(tensors, list(scale.unbind()))

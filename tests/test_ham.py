@@ -345,3 +345,21 @@ def test_cuda_step_has_no_host_sync():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_fused_follows_an_lr_schedule_without_failing():
+    p = nn.Parameter(torch.ones(3, 3))
+    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=2.0, beta=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    for _ in range(12):  # more distinct lrs than dynamo's recompile limit
+        p.grad = torch.ones(3, 3)
+        opt.step()
+        sched.step()
+    assert torch.isfinite(p).all()
+
+
+def test_norm_cap_does_not_spread_a_nan():
+    for kw in ({"foreach": False}, {"foreach": True}):
+        x = [torch.tensor([[float("nan"), 2.0], [3.0, 4.0]])]
+        ham(x, [torch.zeros(2, 2)], lr=0.1, alpha=1.0, beta=0.0, max_norm=1.0, **kw)
+        assert torch.isnan(x[0][0, 0]) and torch.equal(x[0][1], torch.tensor([3.0, 4.0]))
