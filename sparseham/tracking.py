@@ -7,10 +7,15 @@ interval (a weight that flips and flips back within it counts zero). A flip is *
 the weight is inside the mask in force at that update, else **masked** (for STR the implicit mask
 ``|w| > tau``; for AC/DC dense phases the last sparse mask).
 
-State per tracked weight is one ``uint8`` code: bits 0-1 hold the sign at the last update
-(0 zero, 1 positive, 2 negative), bits 2-3 the sign at tracker start, bit 4 "has flipped at least
-once". ``per_weight=True`` adds one more byte, a saturating (at 255) per-weight flip count.
-Counters stay on the device; only :meth:`read` copies them to the host.
+State per tracked weight is one ``int8`` code: bits 0-1 hold the sign at the last update plus one
+(0 negative, 1 zero, 2 positive), bits 2-3 the sign at tracker start plus one, bit 4 "has flipped
+at least once". ``per_weight=True`` adds one more byte, a per-weight flip count that saturates at
+127. Counters stay on the device; only :meth:`read` copies them to the host.
+
+The update uses only int8 arithmetic after two comparisons: on CPUs, comparisons, bool sums and
+float/int8 conversions are several times slower than int8 ``*``, ``-``, ``&`` and
+``count_nonzero``, so a flip is found as ``prod * prod - prod != 0`` with
+``prod = sign_before * sign_now`` (it is 2 for ``prod == -1`` and 0 otherwise).
 """
 
 from __future__ import annotations
@@ -23,24 +28,29 @@ from torch import Tensor
 
 __all__ = ["SignFlipTracker"]
 
-_SIGN_BITS, _KEEP_HIGH, _EVER = 0b11, 0b11111100, 0b10000
+_SIGN, _KEEP_HIGH, _EVER = 0b11, 0b11100, 0b10000
 
 
-def _sign_code(w: Tensor) -> Tensor:
-    """0 for zero, 1 for positive, 2 for negative, as uint8."""
-    return (w > 0).to(torch.uint8) | ((w < 0).to(torch.uint8) << 1)
+def _sign(w: Tensor) -> Tensor:
+    """sign(w) as int8, from two comparisons (no float -> int8 conversion)."""
+    return torch.gt(w, 0).view(torch.int8) - torch.lt(w, 0).view(torch.int8)
+
+
+def _flipped(a: Tensor, b: Tensor) -> Tensor:
+    """int8: 2 where the signs ``a`` and ``b`` (in -1, 0, 1) are opposite, else 0."""
+    prod = a * b
+    return prod * prod - prod
 
 
 def _update_layer(w: Tensor, code: Tensor, mask: Tensor | None, hist: Tensor | None) -> Tensor:
     """Count flips since the stored sign, update ``code`` in place; returns ``[masked, unmasked]``."""
-    now = _sign_code(w)
-    # prev XOR now == 3 exactly when one is positive and the other negative.
-    flip = ((code & _SIGN_BITS) ^ now) == 3
-    total = flip.sum()
-    unmasked = total if mask is None else (flip & mask).sum()
-    code.copy_((code & _KEEP_HIGH) | now | (flip.to(torch.uint8) << 4))
-    if hist is not None:
-        hist.add_(flip & (hist < 255))
+    now = _sign(w)
+    flip = _flipped((code & _SIGN) - 1, now)
+    total = torch.count_nonzero(flip)
+    unmasked = total if mask is None else torch.count_nonzero(flip * mask.view(torch.int8))
+    code.copy_((code & _KEEP_HIGH) | (now + 1) | (flip * 8))
+    if hist is not None:  # counts in steps of 2 (flip is 0 or 2), saturating at 254
+        hist.add_(flip.view(torch.uint8) * torch.lt(hist, 254).view(torch.uint8))
     return torch.stack([total - unmasked, unmasked])
 
 
@@ -72,8 +82,8 @@ class SignFlipTracker:
         """Start tracking ``weights``; their current signs are the reference for "differs from start"."""
         self.names = list(names)
         with torch.no_grad():
-            self.codes = [(c | (c << 2)) for c in (_sign_code(w) for w in weights)]
-        self.hists = [torch.zeros_like(c) for c in self.codes] if self.per_weight else None
+            self.codes = [(s + 1) * 5 for s in (_sign(w) for w in weights)]  # (s+1) | (s+1) << 2
+        self.hists = [torch.zeros_like(c, dtype=torch.uint8) for c in self.codes] if self.per_weight else None
         self.counts = [torch.zeros(2, dtype=torch.int64, device=w.device) for w in weights]
         self.steps = 0
 
@@ -102,8 +112,10 @@ class SignFlipTracker:
         """
         per_layer = []
         for code in self.codes:
-            now, start = code & _SIGN_BITS, (code >> 2) & _SIGN_BITS
-            per_layer.append(torch.stack([((now ^ start) == 3).sum(), (code >= _EVER).sum()]))
+            now, start = (code & _SIGN) - 1, torch.div(code & 0b1100, 4, rounding_mode="floor") - 1
+            per_layer.append(
+                torch.stack([torch.count_nonzero(_flipped(now, start)), torch.count_nonzero(code & _EVER)])
+            )
         counts = torch.cat([self.counters(), torch.stack(per_layer)], dim=1).tolist()
         out = {}
         for i, name in enumerate(self.names):
@@ -116,7 +128,7 @@ class SignFlipTracker:
                 "differs_from_init": differs,
             }
             if self.hists is not None:
-                out[name]["hist"] = torch.bincount(self.hists[i].reshape(-1)).tolist()
+                out[name]["hist"] = torch.bincount(self.hists[i].reshape(-1).long() // 2).tolist()
         return out
 
     def state_dict(self) -> dict[str, Any]:
