@@ -9,7 +9,9 @@ from analysis.sweep import load_sweep
 from sparseham.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RUNNABLE = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_") and "studies" not in p.parts)
+RUNNABLE = sorted(
+    p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_") and "studies" not in p.parts
+)
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: str(p.relative_to(CONFIGS)))

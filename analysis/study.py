@@ -1,0 +1,174 @@
+"""The small-scale study: pick HAM's alpha and beta on validation data, then tabulate and plot.
+
+    python -m analysis.study select runs/studies/tune            # best (alpha, beta) per method
+    python -m analysis.study table runs/studies/main --out docs   # results table + sign-flip figure
+
+``select`` reads the tuning sweep (``configs/studies/tune.yaml``: a held-out 10% of the training
+set, never the test set) and writes ``selection.md``/``selection.json`` next to the runs: per
+method, the (alpha, beta) with the highest final validation accuracy, the whole grid searched, and
+the baseline without HAM. ``table`` reads the main grid and writes ``study.md`` (mean ± std of test
+accuracy over seeds per dataset × model × method × sparsity, with and without HAM, and the
+difference) and ``flips_random_pai.png``: cumulative flips of random PaI at 90% with and without
+HAM (the paper's Fig. 2a setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+
+from analysis.runs import RunError, load_run, mean_std  # noqa: E402
+
+__all__ = ["method_key", "select", "table", "main"]
+
+
+def method_key(config: dict) -> str:
+    """``rigl``, ``acdc``, ... and ``static/snip`` for pruning at initialization."""
+    sp = config["sparsity"]
+    return f"static/{sp['init']}" if sp["method"] == "static" else sp["method"]
+
+
+def _finished(root: Path) -> list:
+    runs = []
+    for d in sorted(p for p in root.iterdir() if (p / "final.json").exists()):
+        try:
+            runs.append(load_run(d, require_flips=False))
+        except RunError as e:
+            print(f"skipping {d}: {e}", file=sys.stderr)
+    return runs
+
+
+def select(root: Path) -> dict:
+    """Best (alpha, beta) per method by final validation accuracy; writes selection.{md,json}."""
+    grid: dict[str, list[tuple[float | None, float | None, float]]] = defaultdict(list)
+    for run in _finished(root):
+        ham = run.config["ham"]
+        key = (ham["alpha"], ham["beta"]) if ham["enabled"] else (None, None)
+        grid[method_key(run.config)].append((*key, run.final["val_acc"]))
+    chosen = {}
+    lines = [
+        "| method | no HAM val acc | best alpha | best beta | HAM val acc | grid (alpha, beta: val acc) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, cells in sorted(grid.items()):
+        base = [acc for a, _, acc in cells if a is None]
+        ham = sorted((c for c in cells if c[0] is not None), key=lambda c: -c[2])
+        if not ham:
+            continue
+        a, b, acc = ham[0]
+        chosen[method] = {
+            "alpha": a,
+            "beta": b,
+            "val_acc": acc,
+            "baseline_val_acc": base[0] if base else None,
+        }
+        searched = ", ".join(f"{ca:g}, {cb:g}: {cacc:.4f}" for ca, cb, cacc in sorted(ham))
+        lines.append(
+            f"| {method} | {base[0] if base else float('nan'):.4f} | {a:g} | {b:g} | {acc:.4f} | {searched} |"
+        )
+    (root / "selection.json").write_text(json.dumps(chosen, indent=2) + "\n")
+    (root / "selection.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return chosen
+
+
+def _cell(config: dict) -> tuple:
+    return (
+        config["data"]["dataset"],
+        config["model"]["name"],
+        method_key(config),
+        config["sparsity"]["target"] or 0.0,
+    )
+
+
+def table(root: Path, out: Path) -> Path:
+    """Mean ± std test accuracy with and without HAM per cell; writes study.md and the flip figure."""
+    acc: dict[tuple, dict[bool, list[float]]] = defaultdict(lambda: {False: [], True: []})
+    for run in _finished(root):
+        acc[_cell(run.config)][run.config["ham"]["enabled"]].append(100 * run.final["test_acc"])
+    lines = [
+        "| dataset | model | method | sparsity | without HAM | with HAM | HAM − base | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (data, model, method, target), by_ham in sorted(acc.items()):
+        (m0, s0, n0), (m1, s1, n1) = mean_std(by_ham[False]), mean_std(by_ham[True])
+        diff = f"{m1 - m0:+.2f}" if n0 and n1 else "–"
+        lines.append(
+            f"| {data} | {model} | {method} | {target:g} | {_pm(m0, s0, n0)} | {_pm(m1, s1, n1)} | "
+            f"{diff} | {n0}/{n1} |"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _flips_figure(root, out / "flips_random_pai.png")
+    return out / "study.md"
+
+
+def _pm(mean: float, std: float, n: int) -> str:
+    return "–" if not n else (f"{mean:.2f}" if n == 1 else f"{mean:.2f} ± {std:.2f}")
+
+
+def _flips_figure(root: Path, path: Path) -> None:
+    """Cumulative unmasked flips per 1,000 weights of random PaI at 90%, per seed, with/without HAM."""
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    ax = fig.add_subplot()
+    for run in _finished(root):
+        c = run.config
+        if (
+            method_key(c) != "static/random"
+            or c["sparsity"]["target"] != 0.9
+            or c["model"]["name"] != "lenet300"
+            or c["data"]["dataset"] != "fashion_mnist"
+        ):
+            continue
+        total, xs, ys = 0, [], []
+        numel = sum(layer["numel"] for layer in run.flips[0]["layers"].values()) if run.flips else 1
+        for record in run.flips:
+            total += sum(layer["unmasked"] + layer["masked"] for layer in record["layers"].values())
+            xs.append(record["epoch"])
+            ys.append(1000 * total / numel)
+        ham = c["ham"]["enabled"]
+        ax.plot(
+            xs,
+            ys,
+            color="tab:red" if ham else "tab:blue",
+            alpha=0.8,
+            label=f"{'HAM' if ham else 'no HAM'} (seed {c['experiment']['seed']})",
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cumulative sign flips per 1,000 weights")
+    ax.set_title("Random PaI (ERK) at 90%, LeNet-300-100, Fashion-MNIST")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("select").add_argument("root", type=Path)
+    t = sub.add_parser("table")
+    t.add_argument("root", type=Path)
+    t.add_argument("--out", type=Path, default=Path("docs"))
+    args = p.parse_args(argv)
+    if not args.root.is_dir():
+        print(f"error: {args.root} is not a directory of runs", file=sys.stderr)
+        return 2
+    if args.cmd == "select":
+        select(args.root)
+    else:
+        table(args.root, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
