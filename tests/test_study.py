@@ -1,0 +1,45 @@
+"""analysis.study: alpha/beta selection on validation accuracy, and the results table."""
+
+import json
+
+from _rundirs import write_run
+
+from analysis import study
+
+
+def _run(root, name, *, method="rigl", ham=False, alpha=200.0, beta=1e-3, val=0.8, test=0.85, seed=0,
+         target=0.9, init="random"):
+    path = write_run(root / name, method=method, ham=ham, seed=seed, target=target, test_acc=test,
+                     extra={"ham.alpha": alpha, "ham.beta": beta, "sparsity.init": init})
+    final = json.loads((path / "final.json").read_text())
+    final["val_acc"] = val
+    (path / "final.json").write_text(json.dumps(final))
+
+
+def test_select_picks_highest_validation_accuracy(tmp_path):
+    _run(tmp_path, "base", val=0.80)
+    _run(tmp_path, "a5", ham=True, alpha=5.0, beta=0.0, val=0.81)
+    _run(tmp_path, "a50", ham=True, alpha=50.0, beta=1e-3, val=0.84, test=0.10)  # test acc is ignored
+    _run(tmp_path, "a200", ham=True, alpha=200.0, beta=1e-2, val=0.70, test=0.99)
+    _run(tmp_path, "snip", method="static", init="snip", ham=True, alpha=20.0, beta=0.0, val=0.5)
+    chosen = study.select(tmp_path)
+    assert chosen["rigl"] == {"alpha": 50.0, "beta": 1e-3, "val_acc": 0.84, "baseline_val_acc": 0.80}
+    assert chosen["static/snip"]["alpha"] == 20.0
+    assert "a5" not in (tmp_path / "selection.md").read_text() and "50, 0.001: 0.8400" in (
+        tmp_path / "selection.md"
+    ).read_text()
+
+
+def test_table_means_and_differences(tmp_path):
+    for seed, (a, b) in enumerate([(0.80, 0.84), (0.82, 0.86)]):
+        _run(tmp_path, f"r{seed}", seed=seed, test=a, method="static", init="random")
+        _run(tmp_path, f"h{seed}", seed=seed, test=b, ham=True, method="static", init="random")
+    md = study.table(tmp_path, tmp_path / "out").read_text()
+    row = next(line for line in md.splitlines() if "static/random" in line)
+    assert "81.00 ± 1.41" in row and "85.00 ± 1.41" in row and "+4.00" in row and "2/2" in row
+    assert (tmp_path / "out" / "flips_random_pai.png").stat().st_size > 1000
+
+
+def test_cli_rejects_a_missing_directory(tmp_path, capsys):
+    assert study.main(["select", str(tmp_path / "nope")]) == 2
+    assert "is not a directory of runs" in capsys.readouterr().err
