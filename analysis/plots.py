@@ -150,10 +150,10 @@ def _masks(events: list[dict], fs: FlipSeries, k: int, title: str) -> Figure:
     fig, axes = _figure(2, f"{title}: masks")
     sparsity = np.array([[e.get("sparsity", {}).get(n, np.nan) for n in names] for e in events])
     # Churn as a fraction of each layer's size, so that small and large layers share an axis.
-    churn = np.array([[e.get("churn", {}).get(n, np.nan) / numel.get(n, np.nan) for n in names]
+    churn = np.array([[(e.get("churn") or {}).get(n, np.nan) / numel.get(n, np.nan) for n in names]
                       for e in events])
-    every = [sum(c for n, c in e.get("churn", {}).items() if n in numel)
-             / max(sum(numel[n] for n in e.get("churn", {}) if n in numel), 1) for e in events]
+    every = [sum(c for n, c in (e.get("churn") or {}).items() if n in numel)
+             / max(sum(numel[n] for n in (e.get("churn") or {}) if n in numel), 1) for e in events]
     glob = [e.get("global_sparsity", np.nan) for e in events]
     _layer_axis(axes[0], x, sparsity.reshape(len(x), -1), glob, names, range(len(names)),
                 "sparsity (fraction of weights masked)")
