@@ -3,7 +3,10 @@
     python train.py --config configs/default.yaml [--set key=value ...] [--out DIR]
 
 Re-running the same command on the same directory resumes from its last checkpoint; a finished
-run says so and exits 0. Bad configs and data problems exit with status 2 and one line.
+run says so and exits 0. Bad configs and data problems exit with status 2 and one line on stderr;
+a non-finite loss (``train.on_nonfinite: stop``), an unreadable or unwritable checkpoint, a full or
+unwritable run directory and a broken mask invariant exit with status 1 and one line. SIGTERM and
+SIGINT write a checkpoint and exit with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparseham.config import dump_config
     from sparseham.trainer import run
 
+    out = None
     try:
         cfg = load_config(args.config, args.set)
         if args.print_config:
@@ -66,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (CheckpointError, MaskInvariantError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the run directory is full or cannot be written (logs, config.yaml, final.json)
+        print(
+            f"error: {e.filename or out}: {e.strerror or e}; check free disk space and that the run "
+            "directory is writable, then re-run the same command to resume",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -12,15 +12,25 @@ newest good one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_good_checkpoint", "candidates"]
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_good_checkpoint",
+    "candidates",
+    "rng_state",
+    "set_rng_state",
+]
 
 LATEST = "checkpoint.pt"
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pt$")
@@ -65,29 +75,72 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _Recorder:
+    """A file wrapper that keeps the ``OSError`` of a failed write.
+
+    ``torch.save`` turns a failed write (disk full, file too large) into a ``RuntimeError`` that
+    says only "unexpected pos"; the recorded error names the real cause.
+    """
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write(state: dict[str, Any], tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        out = _Recorder(f)
+        try:
+            torch.save({**state, "sha256": _digest(state)}, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, *, keep: int = 2) -> Path:
-    """Atomically write ``state`` (which must hold ``"step"``) and re-point ``checkpoint.pt`` at it."""
+    """Atomically write ``state`` (which must hold ``"step"``) and re-point ``checkpoint.pt`` at it.
+
+    Raises:
+        CheckpointError: the file cannot be written (disk full, read-only directory); the previous
+            checkpoint is left as it was.
+    """
     run_dir = Path(run_dir)
     numbered = run_dir / f"checkpoint-{int(state['step'])}.pt"
     tmp, link = run_dir / ".checkpoint.tmp", run_dir / ".checkpoint.link"
     try:
-        with open(tmp, "wb") as f:
-            torch.save({**state, "sha256": _digest(state)}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write(state, tmp)
         os.replace(tmp, numbered)
         link.unlink(missing_ok=True)
         os.link(numbered, link)
         os.replace(link, run_dir / LATEST)
         _fsync_dir(run_dir)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise CheckpointError(
-            f"cannot write a checkpoint in {run_dir}: {e.strerror or e}; the previous checkpoint is intact"
+            f"cannot write {numbered.name} in {run_dir}: {e.strerror or e}; the previous checkpoint is "
+            "intact; free disk space or make the directory writable, then re-run the same command"
         ) from None
     for old in _numbered(run_dir)[keep:]:
         old.unlink(missing_ok=True)
     return run_dir / LATEST
+
+
+def _discard(path: Path) -> None:
+    # Best effort: the directory may be read-only; a stale temp file is overwritten next time.
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def _numbered(run_dir: Path) -> list[Path]:
@@ -113,11 +166,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 
 def candidates(run_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint files in ``run_dir``, newest first (``checkpoint.pt`` leads when present)."""
+    """Checkpoint files in ``run_dir``, newest step first.
+
+    ``checkpoint.pt`` stands in for the numbered file it links to. A kill between writing
+    ``checkpoint-<step>.pt`` and re-pointing ``checkpoint.pt`` leaves a numbered file newer than
+    ``checkpoint.pt``; it comes first.
+    """
     run_dir = Path(run_dir)
-    latest = run_dir / LATEST
-    first = [latest] if latest.exists() else []
-    return first + [p for p in _numbered(run_dir) if not (first and os.path.samefile(p, latest))]
+    latest, numbered = run_dir / LATEST, _numbered(run_dir)
+    if not latest.exists():
+        return numbered
+    same = [i for i, p in enumerate(numbered) if os.path.samefile(p, latest)]
+    if not same:  # a checkpoint.pt copied in without its numbered twin
+        return [latest, *numbered]
+    return [*numbered[: same[0]], latest, *numbered[same[0] + 1 :]]
 
 
 def latest_good_checkpoint(
@@ -135,5 +197,25 @@ def latest_good_checkpoint(
         except CheckpointError as e:
             problems.append(str(e))
     if problems:
-        raise CheckpointError("no readable checkpoint: " + "; ".join(problems))
+        raise CheckpointError(
+            f"no readable checkpoint in {run_dir}: {'; '.join(problems)}; delete the damaged files or "
+            "choose another --out to start over"
+        )
     raise CheckpointError(f"no checkpoint in {run_dir}")
+
+
+def rng_state() -> dict[str, Any]:
+    """The host and device random-number states, for a checkpoint."""
+    return {
+        "torch": torch.get_rng_state(),
+        "random": random.getstate()[1],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state` (``random``'s version 3 state, as ``random.getstate`` gives it)."""
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate((3, tuple(state["random"]), None))
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,4 +1,8 @@
-"""The run directory: refuse to mix runs, skip finished ones, and write ``final.json``'s summary."""
+"""The run directory: refuse to mix runs, skip finished ones, reconcile and write ``final.json``.
+
+Files that decide what a re-run does (``config.yaml``, ``final.json``) are written atomically, so a
+kill while writing them leaves the old file or none, never a torn one.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +15,22 @@ import yaml
 
 from .config import Config, config_to_dict
 from .config_types import ConfigError
+from .masks import MaskInvariantError
 
-__all__ = ["prepare_run_dir", "final_summary", "RunDirError"]
+__all__ = ["prepare_run_dir", "final_summary", "check_final_sparsity", "write_atomic", "RunDirError"]
 
-# Keys that may change between invocations of the same run without changing the run.
+# Keys that may change between invocations of the same run without changing the run. A run stopped
+# by a non-finite loss is resumed with train.on_nonfinite=skip, as the stop message suggests.
 _IGNORED = {
     ("experiment", "out_dir"),
     ("checkpoint", "resume"),
     ("logging", "progress"),
     ("data", "num_workers"),
+    ("train", "on_nonfinite"),
 }
+# How far a method may end from its target: STR's projection rounds, and in dense training the
+# zeros are weights that happen to be exactly 0. Masking methods are held to exact counts anyway.
+SPARSITY_TOLERANCE = 0.01
 
 
 class RunDirError(ConfigError):
@@ -37,6 +47,16 @@ def _first_difference(old: Any, new: Any, path: tuple = ()) -> str | None:
                 return diff
         return None
     return None if old == new else f"{'.'.join(map(str, path))}: {old!r} there, {new!r} now"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a temporary file, fsync, then ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _is_main() -> bool:
@@ -70,6 +90,30 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, force: bool = False) -> bool:
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     return True
+
+
+def check_final_sparsity(manager) -> float:
+    """Reconcile the achieved sparsity with what the method promised, and return it.
+
+    A masking method must keep exactly the per-layer counts it asked for
+    (:meth:`MaskManager.verify`), and every method must end within :data:`SPARSITY_TOLERANCE` of
+    its target (0 for dense training), except STR's ``mode: free``, which ends wherever its
+    thresholds took it.
+
+    Raises:
+        MaskInvariantError: the masks or weights drifted from the promise.
+    """
+    manager.verify()
+    achieved, method = manager.sparsity(), manager.method
+    if getattr(method.options, "mode", "target") == "free":
+        return achieved
+    if abs(achieved - method.target) > SPARSITY_TOLERANCE:
+        raise MaskInvariantError(
+            f"training ended at sparsity {achieved:.4f}, but method '{method.name}' promised "
+            f"{method.target:.4f} (within {SPARSITY_TOLERANCE}); masks or weights drifted, a bug: "
+            "report it with the run's config.yaml"
+        )
+    return achieved
 
 
 def final_summary(trainer, results: dict[str, tuple[float, float]]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from .distributed import init_distributed, rank_digests, wrap_model
 from .logging import RunLogger
 from .masks import MaskInvariantError, MaskManager
 from .models import build_model
-from .run_dir import final_summary, prepare_run_dir
+from .run_dir import check_final_sparsity, final_summary, prepare_run_dir, write_atomic
 
 __all__ = ["run", "Trainer", "TrainingStopped"]
 
@@ -79,7 +80,6 @@ class Trainer:
         t = cfg.train
         self.total = t.max_steps if t.max_steps else max(1, round(t.epochs * self.steps_per_epoch))
         self.opt = build_optimizer(cfg, self.model)
-        self.sched = build_scheduler(cfg, self.opt, self.total, self.steps_per_epoch)
         s = cfg.sparsity
         self.mm = MaskManager(
             self.model,
@@ -92,6 +92,8 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch,
             data=self._scoring_batches(),
         )
+        # After the manager: a method may add parameter groups (STR's thresholds) the schedule must cover.
+        self.sched = build_scheduler(cfg, self.opt, self.total, self.steps_per_epoch)
         self._sync_masks()
         self.net = wrap_model(self.model, self.dist, self.device)
         if t.compile:
@@ -101,6 +103,10 @@ class Trainer:
             raise ValueError("train.amp = 'fp16' needs CUDA (GradScaler); use bf16 on the CPU")
         self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
         self.step, self.skipped, self.stop_signal = 0, 0, None
+        # BatchNorm statistics change in the forward pass, before the loss is known to be finite;
+        # a rejected step puts them back from this copy (device copies, no host sync).
+        self.buffers = list(self.model.buffers())
+        self.buffers_before = [b.clone() for b in self.buffers]
 
     def _scoring_batches(self):
         """Batches for data-driven mask scoring (SNIP, GraSP), produced lazily on first use."""
@@ -131,11 +137,7 @@ class Trainer:
             "manager": self.mm.state_dict(),
             "logger": self.logger.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "random": random.getstate()[1],
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": ckpt.rng_state(),
         }
 
     def save(self) -> None:
@@ -151,7 +153,7 @@ class Trainer:
         if where == "auto":
             path, state, problems = ckpt.latest_good_checkpoint(self.run_dir, map_location=self.device)
             for problem in problems:
-                print(f"warning: skipped a damaged checkpoint: {problem}", flush=True)
+                print(f"warning: skipped a damaged checkpoint, falling back: {problem}", flush=True)
         else:
             path, state = Path(where), ckpt.load_checkpoint(where, map_location=self.device)
         self.mm.load_state_dict(state["manager"])  # first: a method may reshape the model (STR)
@@ -161,16 +163,10 @@ class Trainer:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.skipped = state["step"], state["skipped"]
-        self._resume_rng(state["rng"])
+        ckpt.set_rng_state(state["rng"])
         self._logger_state = state["logger"]
         print(f"resumed from {path} at step {self.step}", flush=True)
         return self.step
-
-    def _resume_rng(self, rng: dict) -> None:
-        torch.set_rng_state(rng["torch"].cpu())
-        random.setstate((3, tuple(rng["random"]), None))
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -197,18 +193,25 @@ class Trainer:
                 "resumed": bool(start),
             }
         )
-        self._install_signals()
-        while self.step < self.total:
-            epoch, index = divmod(self.step, self.steps_per_epoch)
-            batches = self.data.train.epoch(epoch, start=index * self.accum)
-            for _ in range(index, self.steps_per_epoch):
-                self.train_step([next(batches) for _ in range(self.accum)])
-                self.after_step()
-                if self.step >= self.total:
-                    break
-        return self.finish()
+        previous = self._install_signals()
+        try:
+            while self.step < self.total:
+                epoch, index = divmod(self.step, self.steps_per_epoch)
+                batches = self.data.train.epoch(epoch, start=index * self.accum)
+                for _ in range(index, self.steps_per_epoch):
+                    self.train_step([next(batches) for _ in range(self.accum)])
+                    self.after_step()
+                    if self.step >= self.total:
+                        break
+            return self.finish()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def train_step(self, micro: list) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers_before, self.buffers)
+        records = []
         for x, y in micro:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
@@ -216,24 +219,34 @@ class Trainer:
                 loss = F.cross_entropy(logits.float(), y)
             scaled = loss / self.accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            self.logger.record_batch(loss, logits, y)
-        if self._nonfinite(loss):
+            records.append((loss.detach(), logits.detach(), y))
+        if self._nonfinite(torch.stack([r[0] for r in records])):
             return
+        for record in records:  # a rejected step stays out of the logged loss and accuracy
+            self.logger.record_batch(*record)
         self.mm.step(scaler=self.scaler)
         if self.scaler:
             self.scaler.update()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def _nonfinite(self, loss) -> bool:
-        """One host read per step: the loss and every gradient must be finite."""
+    def _nonfinite(self, losses) -> bool:
+        """One host read per step: every micro-batch loss and every gradient must be finite.
+
+        A rejected step leaves weights, masks and optimizer state as they were: its gradients are
+        dropped and the BatchNorm statistics restored. Skipped, it still uses up its batch and its
+        learning-rate step; the method's step counter does not move.
+        """
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        bad = ~torch.isfinite(loss.detach())
+        bad = ~torch.isfinite(losses).all()
         if grads and self.scaler is None:
+            # The norm also overflows for finite gradients above ~1e19; such a step is rejected too.
             bad |= ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
         if not bool(bad):
             return False
         self.opt.zero_grad(set_to_none=True)
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.buffers_before)
         where = f"step {self.step + 1} (epoch {self.step / self.steps_per_epoch:.2f})"
         if self.cfg.train.on_nonfinite == "skip":
             self.skipped += 1
@@ -244,7 +257,8 @@ class Trainer:
         raise TrainingStopped(
             1,
             f"non-finite loss or gradient at {where}: the last good state is in "
-            f"{self.run_dir / ckpt.LATEST}; lower optim.lr, or set train.on_nonfinite: skip",
+            f"{self.run_dir / ckpt.LATEST}; re-run with --set train.on_nonfinite=skip to skip such "
+            "steps, or lower optim.lr in a new run",
         )
 
     def after_step(self) -> None:
@@ -294,14 +308,14 @@ class Trainer:
 
     def finish(self) -> dict:
         self.mm.method.finalize(self.mm)
-        self.mm.verify()
+        check_final_sparsity(self.mm)
         results = self.evaluate(self.step)
         final = final_summary(self, results)
         final["world_size"] = self.dist.world_size
         final["rank_digests"] = self._rank_digests()
         self.save()
         if self.dist.is_main:
-            (self.run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+            write_atomic(self.run_dir / "final.json", json.dumps(final, indent=2) + "\n")
         self.logger.finish(final)
         return final
 
@@ -316,12 +330,13 @@ class Trainer:
         return digests
 
     # -- signals --------------------------------------------------------------------------------
-    def _install_signals(self) -> None:
+    def _install_signals(self) -> dict:
+        """Turn SIGTERM and SIGINT into a checkpoint and a clean stop; returns the old handlers."""
+
         def handler(signum, frame):
             self.stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _check_signal(self) -> None:
         # Under DDP every rank must stop at the same step: agree at log intervals only.
@@ -342,11 +357,14 @@ def run(cfg: Config, run_dir: Path, *, force: bool = False) -> int:
         return 0
     trainer = Trainer(cfg, run_dir)
     if trainer.dist.is_main:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        write_atomic(run_dir / "config.yaml", dump_config(cfg))
     try:
         trainer.train()
     except TrainingStopped as stop:
         trainer.logger.close()
-        print(stop, flush=True)
+        if stop.code > 128:  # a signal: the stop the user asked for
+            print(stop, flush=True)
+        else:
+            print(f"error: {stop}", file=sys.stderr, flush=True)
         return stop.code
     return 0

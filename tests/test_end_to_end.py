@@ -82,9 +82,10 @@ def test_tensorboard_has_scalars_layout_hparams_and_histograms(two_runs):
 def test_sweep_runs_real_training_and_skips_finished(tmp_path):
     sweep = tmp_path / "sweep.yaml"
     sets = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in SETS)}
-    sweep.write_text(yaml.safe_dump({"config": str(ROOT / "configs/default.yaml"), "out": str(tmp_path / "out"),
-                                     "set": {**sets, "train.max_steps": 8, "logging.tensorboard": False},
-                                     "grid": {"ham.enabled": [False, True]}}))
+    spec = {"config": str(ROOT / "configs/default.yaml"), "out": str(tmp_path / "out"),
+            "set": {**sets, "train.max_steps": 8, "logging.tensorboard": False},
+            "grid": {"ham.enabled": [False, True]}}
+    sweep.write_text(yaml.safe_dump(spec))
     cmd = [sys.executable, "-m", "analysis.sweep", str(sweep)]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
