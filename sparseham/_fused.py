@@ -21,7 +21,7 @@ def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp:
         e = torch.where(e == e, e, 0.0)
         new = p * torch.exp(torch.clamp(e, -clamp, clamp))
         if max_norm is not None:
-            new = new * _cap(max_norm, torch.linalg.vector_norm(new))
+            new = new * _cap(max_norm, torch.linalg.vector_norm(new, dtype=torch.float64)).to(new.dtype)
         p.copy_(new)
 
 

@@ -215,8 +215,9 @@ def _multi_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm)
 
 def cap_norms_(tensors: list[Tensor], max_norm: float) -> None:
     """Rescale, in place and on the device, every tensor whose L2 norm exceeds ``max_norm``."""
-    norms = torch.stack(torch._foreach_norm(tensors))
+    # float64 so that entries above ~1e19 (squares beyond float32) still give a finite norm.
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
     # A zero norm gives inf, clamped to 1: nothing changes. A non-finite norm (a NaN entry) leaves
     # the tensor alone rather than spreading the NaN to every entry.
     scale = torch.where(torch.isfinite(norms), torch.clamp(max_norm / norms, max=1.0), 1.0)
-    torch._foreach_mul_(tensors, list(scale.unbind()))
+    torch._foreach_mul_(tensors, list(scale.to(tensors[0].dtype).unbind()))
