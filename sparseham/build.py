@@ -8,11 +8,20 @@ import torch
 from torch import nn
 
 from . import method as method_registry
-from .config import Config, method_options
+from .config import Config, config_to_dict, method_options
+from .data import Data, build_data
 from .ham import HAM
+from .models import build_model
 from .tracking import SignFlipTracker
 
-__all__ = ["build_optimizer", "build_scheduler", "build_method", "build_tracker", "resolve_device"]
+__all__ = [
+    "build_data_and_model",
+    "build_optimizer",
+    "build_scheduler",
+    "build_method",
+    "build_tracker",
+    "resolve_device",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,6 +32,29 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device = {name!r}, but no CUDA device is available; use auto or cpu")
     return device
+
+
+def build_data_and_model(cfg: Config, d, device: torch.device) -> tuple[Data, nn.Module]:
+    """The loaders (sharded for this rank) and the model, sized to the data set, on ``device``."""
+    c = cfg.data
+    data = build_data(
+        c.dataset,
+        root=c.root,
+        batch_size=c.batch_size,
+        seed=cfg.experiment.seed,
+        num_workers=c.num_workers,
+        download=c.download,
+        val_split=c.val_split,
+        rank=d.rank,
+        world_size=d.world_size,
+        synthetic=config_to_dict(cfg)["data"]["synthetic"],
+        eval_batch_size=c.eval_batch_size,
+    )
+    info = data.info
+    model = build_model(
+        cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size
+    )
+    return data, model.to(device)
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "init_distributed", "wrap_model", "rank_digests"]
+__all__ = ["Dist", "init_distributed", "wrap_model", "rank_digests", "broadcast_masks_", "check_ranks_agree"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +81,27 @@ def rank_digests(d: Dist, tensors: Iterable[torch.Tensor]) -> list[str]:
     gathered: list[str] = [""] * d.world_size
     dist.all_gather_object(gathered, mine)
     return gathered
+
+
+def broadcast_masks_(manager, d: Dist) -> None:
+    """Under DDP, rank 0's initial masks win (data-driven scores differ per data shard)."""
+    if not d.enabled or manager.masks is None:
+        return
+    masks = [m.to(torch.uint8) for m in manager.masks]
+    for m in masks:
+        dist.broadcast(m, 0)
+    manager.set_masks([m.bool() for m in masks], expected=manager.expected)
+    manager.mask_events.clear()
+
+
+def check_ranks_agree(d: Dist, manager, optimizer) -> list[str]:
+    """Every rank's digest of masks, weights, optimizer and tracker state; raises if they differ."""
+    from .masks import MaskInvariantError
+
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    tracker = manager.tracker.codes if manager.tracker is not None else []
+    tensors = [*(manager.masks or []), *manager.model.parameters(), *state, *tracker]
+    digests = rank_digests(d, tensors)
+    if len(set(digests)) != 1:
+        raise MaskInvariantError(f"ranks ended with different masks or weights: digests {digests}")
+    return digests

@@ -19,13 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .build import build_method, build_optimizer, build_scheduler, build_tracker, resolve_device
+from .build import (
+    build_data_and_model,
+    build_method,
+    build_optimizer,
+    build_scheduler,
+    build_tracker,
+    resolve_device,
+)
 from .config import Config, config_to_dict, dump_config
-from .data import build_data
-from .distributed import init_distributed, rank_digests, wrap_model
+from .distributed import broadcast_masks_, check_ranks_agree, init_distributed, wrap_model
+from .evaluation import evaluate
 from .logging import RunLogger
-from .masks import MaskInvariantError, MaskManager
-from .models import build_model
+from .masks import MaskManager
 from .run_dir import check_final_sparsity, final_summary, prepare_run_dir, write_atomic
 
 __all__ = ["run", "Trainer", "TrainingStopped"]
@@ -50,27 +56,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         torch.manual_seed(cfg.experiment.seed)
         random.seed(cfg.experiment.seed)
-        d = cfg.data
-        self.data = build_data(
-            d.dataset,
-            root=d.root,
-            batch_size=d.batch_size,
-            seed=cfg.experiment.seed,
-            num_workers=d.num_workers,
-            download=d.download,
-            val_split=d.val_split,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            synthetic=config_to_dict(cfg)["data"]["synthetic"],
-            eval_batch_size=d.eval_batch_size,
-        )
-        info = self.data.info
-        self.model = build_model(
-            cfg.model.name,
-            num_classes=info.num_classes,
-            in_channels=info.in_channels,
-            image_size=info.image_size,
-        ).to(self.device)
+        self.data, self.model = build_data_and_model(cfg, self.dist, self.device)
         self.accum = cfg.train.grad_accum
         self.steps_per_epoch = len(self.data.train) // self.accum
         if self.steps_per_epoch == 0:
@@ -81,20 +67,12 @@ class Trainer:
         self.total = t.max_steps if t.max_steps else max(1, round(t.epochs * self.steps_per_epoch))
         self.opt = build_optimizer(cfg, self.model)
         s = cfg.sparsity
-        self.mm = MaskManager(
-            self.model,
-            self.opt,
-            build_method(cfg),
-            build_tracker(cfg),
-            s.include,
-            s.exclude,
-            total_steps=self.total,
-            steps_per_epoch=self.steps_per_epoch,
-            data=self._scoring_batches(),
-        )
+        self.mm = MaskManager(self.model, self.opt, build_method(cfg), build_tracker(cfg), s.include,
+                              s.exclude, total_steps=self.total, steps_per_epoch=self.steps_per_epoch,
+                              data=self._scoring_batches())
         # After the manager: a method may add parameter groups (STR's thresholds) the schedule must cover.
         self.sched = build_scheduler(cfg, self.opt, self.total, self.steps_per_epoch)
-        self._sync_masks()
+        broadcast_masks_(self.mm, self.dist)
         self.net = wrap_model(self.model, self.dist, self.device)
         if t.compile:
             self.net = torch.compile(self.net)
@@ -113,32 +91,13 @@ class Trainer:
         for x, y in self.data.train.epoch(0):
             yield x.to(self.device), y.to(self.device)
 
-    def _sync_masks(self) -> None:
-        """Under DDP, rank 0's initial masks win (data-driven scores differ per data shard)."""
-        if not self.dist.enabled or self.mm.masks is None:
-            return
-        import torch.distributed as dist
-
-        masks = [m.to(torch.uint8) for m in self.mm.masks]
-        for m in masks:
-            dist.broadcast(m, 0)
-        self.mm.set_masks([m.bool() for m in masks], expected=self.mm.expected)
-        self.mm.mask_events.clear()
-
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "config": config_to_dict(self.cfg),
-            "step": self.step,
-            "skipped": self.skipped,
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "manager": self.mm.state_dict(),
-            "logger": self.logger.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": ckpt.rng_state(),
-        }
+        return {"config": config_to_dict(self.cfg), "step": self.step, "skipped": self.skipped,
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "manager": self.mm.state_dict(),
+                "logger": self.logger.state_dict(), "rng": ckpt.rng_state(),
+                "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def save(self) -> None:
         if self.dist.is_main:
@@ -172,27 +131,12 @@ class Trainer:
     def train(self) -> dict:
         self._logger_state = None
         start = self.resume()
-        self.logger = RunLogger(
-            self.run_dir,
-            self.mm,
-            self.cfg,
-            total_steps=self.total,
-            steps_per_epoch=self.steps_per_epoch,
-            start_step=start,
-            enabled=self.dist.is_main,
-        )
+        self.logger = RunLogger(self.run_dir, self.mm, self.cfg, total_steps=self.total, start_step=start,
+                                steps_per_epoch=self.steps_per_epoch, enabled=self.dist.is_main)
         if self._logger_state:
             self.logger.load_state_dict(self._logger_state)
-        self.logger.event(
-            {
-                "event": "start",
-                "step": start,
-                "total_steps": self.total,
-                "steps_per_epoch": self.steps_per_epoch,
-                "world_size": self.dist.world_size,
-                "resumed": bool(start),
-            }
-        )
+        self.logger.event({"event": "start", "step": start, "total_steps": self.total, "resumed": bool(start),
+                           "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size})
         previous = self._install_signals()
         try:
             while self.step < self.total:
@@ -269,15 +213,8 @@ class Trainer:
         if cfg.logging.histograms_every and step % cfg.logging.histograms_every == 0:
             self.logger.histograms(step)
         if step % self.steps_per_epoch == 0:
-            self.logger.event(
-                {
-                    "event": "sparsity",
-                    "step": step,
-                    "epoch": step / self.steps_per_epoch,
-                    "target": cfg.sparsity.target or 0.0,
-                    "achieved": self.mm.sparsity(),
-                }
-            )
+            self.logger.event({"event": "sparsity", "step": step, "epoch": step / self.steps_per_epoch,
+                               "target": cfg.sparsity.target or 0.0, "achieved": self.mm.sparsity()})
         every = cfg.train.eval_every or self.steps_per_epoch
         if step % every == 0 and step < self.total:
             self.evaluate(step)
@@ -285,25 +222,10 @@ class Trainer:
             self.save()
         self._check_signal()
 
-    @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, tuple[float, float]]:
-        self.model.eval()
-        out = {}
-        for split, loader in (("val", self.data.val), ("test", self.data.test)):
-            if loader is None:
-                continue
-            loss = torch.zeros((), device=self.device)
-            correct = torch.zeros((), dtype=torch.int64, device=self.device)
-            for x, y in loader.epoch(0):
-                x, y = x.to(self.device), y.to(self.device)
-                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    logits = self.model(x).float()
-                loss += F.cross_entropy(logits, y, reduction="sum")
-                correct += (logits.argmax(1) == y).sum()
-            n = loader.num_samples
-            out[split] = (loss.item() / n, correct.item() / n)
-            self.logger.log_eval(step, split, *out[split])
-        self.model.train()
+        out = evaluate(self.model, {"val": self.data.val, "test": self.data.test}, self.device, self.amp)
+        for split, (loss, acc) in out.items():
+            self.logger.log_eval(step, split, loss, acc)
         return out
 
     def finish(self) -> dict:
@@ -312,22 +234,12 @@ class Trainer:
         results = self.evaluate(self.step)
         final = final_summary(self, results)
         final["world_size"] = self.dist.world_size
-        final["rank_digests"] = self._rank_digests()
+        final["rank_digests"] = check_ranks_agree(self.dist, self.mm, self.opt)
         self.save()
         if self.dist.is_main:
             write_atomic(self.run_dir / "final.json", json.dumps(final, indent=2) + "\n")
         self.logger.finish(final)
         return final
-
-    def _rank_digests(self) -> list[str]:
-        """Every rank's digest of masks, weights, optimizer and tracker state; they must agree."""
-        state = [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)]
-        tracker = self.mm.tracker.codes if self.mm.tracker is not None else []
-        tensors = [*(self.mm.masks or []), *self.model.parameters(), *state, *tracker]
-        digests = rank_digests(self.dist, tensors)
-        if len(set(digests)) != 1:
-            raise MaskInvariantError(f"ranks ended with different masks or weights: digests {digests}")
-        return digests
 
     # -- signals --------------------------------------------------------------------------------
     def _install_signals(self) -> dict:
