@@ -38,7 +38,7 @@ def method_key(config: dict) -> str:
 
 def _finished(root: Path) -> list:
     runs = []
-    for d in sorted(p for p in root.iterdir() if (p / "final.json").exists()):
+    for d in sorted(f.parent for f in root.rglob("final.json")):  # sweeps may nest (one per data set)
         try:
             runs.append(load_run(d, require_flips=False))
         except RunError as e:

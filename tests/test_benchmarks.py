@@ -1,0 +1,75 @@
+"""Smoke tests of the benchmark scripts: each runs with ``--quick`` (tiny sizes, two repeats) and exits 0.
+
+They check what a benchmark reports, never how fast anything is: timings on a shared CI machine
+say nothing. The scripts run in this process (as ``python benchmarks/X.py`` would, with
+``benchmarks/`` on ``sys.path``), which saves the seconds of importing torch again.
+"""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, tmp_path: Path, monkeypatch, *args: str) -> dict:
+    """Run ``benchmarks/<name>.py --quick --json ...`` as ``__main__``; returns the JSON it wrote."""
+    out = tmp_path / f"{name}.json"
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(sys, "argv", [str(BENCH / f"{name}.py"), "--quick", "--json", str(out), *args])
+    before = set(sys.modules)
+    try:
+        runpy.run_path(str(BENCH / f"{name}.py"), run_name="__main__")
+    except SystemExit as stop:
+        assert stop.code in (None, 0), f"{name}.py exited with status {stop.code}"
+    finally:  # the scripts import each other as top-level modules; do not leak them to other tests
+        for mod in set(sys.modules) - before:
+            if str(BENCH) in str(getattr(sys.modules[mod], "__file__", "")):
+                del sys.modules[mod]
+    return json.loads(out.read_text())
+
+
+def test_tracker_quick(tmp_path, monkeypatch):
+    report = run_script("tracker", tmp_path, monkeypatch, "--primitives")
+    (result,) = report["results"]
+    assert result["tensors"] == 4 and result["numel"] == 9408 + 3 * 36864
+    assert set(result["ratio_to_sgd"]) == {"tracker", "tracker_per_weight", "tracker_i10", "tracker_i100",
+                                           "exp", "gt", "mul_bool", "mul_float"}
+    assert all(s["n"] == 2 for s in result["seconds_per_step"].values())
+
+
+def test_rigl_update_quick(tmp_path, monkeypatch):
+    result = run_script("rigl_update", tmp_path, monkeypatch)["result"]
+    assert result["identical_masks"] is True
+    # The memory method sees exactly one 4 MiB tensor, and exactly the one-byte-per-weight grow
+    # masks that RigL holds from pre_step to post_step.
+    assert result["calibration_4MiB"] == 4 * 2**20
+    mem = result["memory_bytes"]
+    assert mem["held_across_step"] == result["managed_weights"]
+    assert mem["peak"] >= mem["pre_step_peak"] >= mem["held_across_step"]
+    assert result["peak_bytes_per_weight"] == pytest.approx(mem["peak"] / result["managed_weights"])
+
+
+def test_pipeline_quick(tmp_path, monkeypatch):
+    (result,) = run_script("pipeline", tmp_path, monkeypatch)["results"]
+    variants = {"plain", "ham", "tracker", "masks", "pipeline", "trainer"}
+    assert set(result["seconds_per_step"]) == variants
+    assert set(result["ratio_plain_over"]) == variants - {"plain"}
+    assert result["skipped_steps"] == 0
+    assert result["rigl_update_s"] > 0
+
+
+def test_gpu_quick(tmp_path, monkeypatch, capsys):
+    report = run_script("gpu", tmp_path, monkeypatch)
+    assert report["failed"] == []
+    assert set(report["results"]) == {"ham_step", "tracker", "rigl_update", "pipeline", "syncs"}
+    syncs = report["results"]["syncs"]
+    assert syncs["steps_checked"] == 20 and syncs["update_steps_checked"] == 4
+    assert syncs["mm_step_error"] is None
+    if not torch.cuda.is_available():
+        assert "No CUDA device" in capsys.readouterr().out
+        assert report["verdicts"]["mm.step() host syncs"]["met"] is None
