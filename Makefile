@@ -8,7 +8,7 @@ RUN    ?= runs/default
 APT    := $(shell command -v apt-get 2>/dev/null)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data sysdeps browser clean
+.PHONY: demo test setup data sysdeps browser clean study
 
 setup: $(VENV)/.installed
 
@@ -50,3 +50,14 @@ test: data browser
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# The small-scale study behind the README's results (hours on 2 cores; finished runs are skipped,
+# so it can be stopped and restarted). Step 1 tunes HAM on validation data, step 2 is the grid.
+STUDY_JOBS ?= 2
+study: data
+	OMP_NUM_THREADS=1 $(PY) -m analysis.sweep configs/studies/tune.yaml --jobs $(STUDY_JOBS)
+	$(PY) -m analysis.study select runs/studies/tune
+	for s in fmnist_lenet300 mnist_lenet300 fmnist_lenet5 mnist_lenet5; do \
+	  OMP_NUM_THREADS=1 $(PY) -m analysis.sweep configs/studies/main_$$s.yaml --jobs $(STUDY_JOBS) || exit 1; \
+	done
+	$(PY) -m analysis.study table runs/studies/main --out docs/study
