@@ -7,6 +7,8 @@ the tensors). ``dynamic=None`` lets the second distinct ``lr`` recompile once wi
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -19,16 +21,18 @@ def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp:
         # NaN -> 0 (the clamp handles +-inf); a where() compiles to a vector select, nan_to_num
         # to a scalar loop.
         e = torch.where(e == e, e, 0.0)
-        new = p * torch.exp(torch.clamp(e, -clamp, clamp))
+        p.mul_(torch.exp(torch.clamp(e, -clamp, clamp)))
         if max_norm is not None:
-            new = new * _cap(max_norm, torch.linalg.vector_norm(new, dtype=torch.float64)).to(new.dtype)
-        p.copy_(new)
+            # A separate in-place pass: computing the norm of the product before writing it back
+            # makes the compiled kernel materialise a full-size temporary.
+            p.mul_(_cap(max_norm, p))
 
 
-def _cap(max_norm: float, norm: torch.Tensor) -> torch.Tensor:
-    """Scale factor that brings ``norm`` down to ``max_norm``; 1 for a non-finite norm, so one
-    NaN entry does not poison the whole tensor."""
-    return torch.where(torch.isfinite(norm), torch.clamp(max_norm / norm, max=1.0), 1.0)
+def _cap(max_norm: float, p: torch.Tensor) -> torch.Tensor:
+    """Factor that brings ``p``'s norm down to ``max_norm`` (see ``sparseham.ham.cap_norms_``)."""
+    norm = torch.linalg.vector_norm(p)
+    bound = torch.where(torch.isfinite(norm), norm, p.abs().amax() * math.sqrt(p.numel()))
+    return torch.where(torch.isfinite(bound), torch.clamp(max_norm / bound, max=1.0), 1.0)
 
 
 _compiled = None

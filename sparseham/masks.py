@@ -99,6 +99,7 @@ class MaskManager:
         self.data = data
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.masks: list[Tensor] | None = None
+        self._factors: list[Tensor] | None = None
         self.expected: list[int] | None = None
         self.step_count = 0
         self.mask_events: list[dict[str, Any]] = []
@@ -128,17 +129,25 @@ class MaskManager:
             self.tracker.update(self.params, self.method.tracking_masks(self))
         self.method.post_step(self)
 
+    def _refresh_factors(self) -> None:
+        # What the masks multiply by. On CPU, multiplying floats by a bool tensor first converts
+        # the bool tensor (about as slow as an SGD step over the weights): keep a float copy there.
+        # On accelerators the conversion happens inside the kernel, so the 1-byte masks serve.
+        self._factors = None if self.masks is None else [
+            m.to(p.dtype) if p.device.type == "cpu" else m for m, p in zip(self.masks, self.params)
+        ]
+
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned weights, in place."""
-        pairs = [(p.grad, m) for p, m in zip(self.params, self.masks) if p.grad is not None]
+        pairs = [(p.grad, m) for p, m in zip(self.params, self._factors) if p.grad is not None]
         if pairs:
             grads, masks = zip(*pairs)
             torch._foreach_mul_(list(grads), list(masks))
 
     def apply_masks_(self) -> None:
         """Zero pruned weights and every optimizer-state tensor shaped like its weight."""
-        tensors, masks = list(self.params), list(self.masks)
-        for p, m in zip(self.params, self.masks):
+        tensors, masks = list(self.params), list(self._factors)
+        for p, m in zip(self.params, self._factors):
             # Masking by shape, not by optimizer type: momentum, exp_avg, exp_avg_sq, ... alike.
             for value in self.optimizer.state.get(p, {}).values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
@@ -170,6 +179,7 @@ class MaskManager:
         if reference is not None:
             churn = torch.stack([(a ^ b).sum() for a, b in zip(reference, new)])
         self.masks = new
+        self._refresh_factors()
         self.expected = expected if expected is None or isinstance(expected, int) else list(expected)
         self.apply_masks_()
         self.mask_events.append({"step": self.step_count, "churn": churn, "phase": self.phase})
@@ -177,6 +187,7 @@ class MaskManager:
     def clear_masks(self) -> None:
         """Drop the masks: every weight trains (AC/DC decompression, dense training)."""
         self.masks = None
+        self._refresh_factors()
         self.expected = None
         self.mask_events.append({"step": self.step_count, "churn": None, "phase": self.phase})
 
@@ -265,6 +276,7 @@ class MaskManager:
         if masks is not None:
             masks = [m.to(device=p.device, dtype=torch.bool) for m, p in zip(masks, self.params)]
         self.masks = masks
+        self._refresh_factors()
         self.expected = state["expected"]
         if self.tracker is not None and state["tracker"] is not None:
             self.tracker.load_state_dict(state["tracker"])
