@@ -28,7 +28,6 @@ import torch
 
 from sparseham.method import Method
 from sparseham.schedules import cosine_drop_fraction, periodic
-from sparseham.topk import topk_mask
 
 from . import register
 from ._common import counts_for, random_masks, seeded_generator
@@ -75,39 +74,55 @@ class RigL(Method):
         f = cosine_drop_fraction(step, self.end_step, self.options.drop_fraction)
         return [min(math.floor(f * k), p.numel() - k) for k, p in zip(self.counts, manager.params)]
 
-    def grow_scores(self, manager, step: int) -> list[torch.Tensor]:
-        """RigL grows by dense-gradient magnitude (the gradient is still unmasked here)."""
-        return [p.grad.abs() if p.grad is not None else torch.zeros_like(p) for p in manager.params]
+    def grow_score(self, manager, i: int, step: int) -> torch.Tensor:
+        """RigL grows by dense-gradient magnitude (the gradient is still unmasked here).
+
+        Returns a fresh tensor the caller may overwrite; one layer at a time keeps the update's
+        temporary memory to the size of the largest layer.
+        """
+        g = manager.params[i].grad
+        return g.abs() if g is not None else torch.zeros_like(manager.params[i])
 
     def pre_step(self, manager) -> None:
         step = manager.step_count + 1  # the step being taken
         if not periodic(step, self.options.update_every, self.end_step):
             return
-        scores = self.grow_scores(manager, step)
-        self._grow = [
-            topk_mask(torch.where(m, -torch.inf, s), d)
-            for s, m, d in zip(scores, manager.masks, self._drops(manager, step))
-        ]
+        # Only the indices of the d grown weights per layer are held until post_step (8 bytes
+        # each, about 0.03 * density bytes per weight), and scores exist one layer at a time.
+        self._grow = []
+        for i, (m, d) in enumerate(zip(manager.masks, self._drops(manager, step))):
+            score = self.grow_score(manager, i, step).masked_fill_(m, -torch.inf)  # inactive only
+            self._grow.append(torch.topk(score.view(-1), d, sorted=False).indices)
+            del score
 
     def post_step(self, manager) -> None:
         if self._grow is None:
             return
         step = manager.step_count
-        new = []
-        for p, m, g, d, k in zip(
-            manager.params, manager.masks, self._grow, self._drops(manager, step), self.counts
-        ):
-            keep = topk_mask(torch.where(m, p.detach().abs(), -torch.inf), k - d)
-            new.append(keep | g)
         manager.zero_state_(self._grow)
-        manager.set_masks(new, expected=self.counts)
+        new = []
+        drops = self._drops(manager, step)
+        for i, (p, m, d) in enumerate(zip(manager.params, manager.masks, drops)):
+            score = p.detach().abs().masked_fill_(~m, torch.inf)  # active only
+            dropped = torch.topk(score.view(-1), d, largest=False, sorted=False).indices
+            del score
+            mask = m.clone()
+            mask.view(-1)[dropped] = False
+            mask.view(-1)[self._grow[i]] = True
+            new.append(mask)
+            self._grow[i] = None  # release each layer's indices as soon as it is done
         self._grow = None
+        manager.set_masks(new, expected=self.counts)
 
 
 @register("set")
 class SET(RigL):
     """SET: RigL's schedule with uniformly random growth instead of gradient-based growth."""
 
-    def grow_scores(self, manager, step: int) -> list[torch.Tensor]:
-        gen = seeded_generator(1_000_003 * step)  # same on every rank, independent of global RNG
-        return [torch.rand(p.shape, generator=gen).to(p.device) for p in manager.params]
+    def grow_score(self, manager, i: int, step: int) -> torch.Tensor:
+        # Same numbers on every rank, independent of the global RNG: seeded by (seed, step), then
+        # advanced layer by layer.
+        if i == 0:
+            self._gen = seeded_generator(1_000_003 * step)
+        p = manager.params[i]
+        return torch.rand(p.shape, generator=self._gen).to(p.device)

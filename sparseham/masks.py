@@ -133,6 +133,7 @@ class MaskManager:
         # What the masks multiply by. On CPU, multiplying floats by a bool tensor first converts
         # the bool tensor (about as slow as an SGD step over the weights): keep a float copy there.
         # On accelerators the conversion happens inside the kernel, so the 1-byte masks serve.
+        self._factors = None  # free the old factors before building the new ones
         self._factors = None if self.masks is None else [
             m.to(p.dtype) if p.device.type == "cpu" else m for m, p in zip(self.masks, self.params)
         ]
@@ -192,15 +193,18 @@ class MaskManager:
         self.mask_events.append({"step": self.step_count, "churn": None, "phase": self.phase})
 
     def zero_state_(self, where: Sequence[Tensor]) -> None:
-        """Zero the optimizer-state entries selected by the bool tensors ``where`` (e.g. grown weights)."""
-        tensors, keep = [], []
+        """Zero the optimizer-state entries of grown weights, in place.
+
+        Args:
+            where: per managed tensor, a bool mask or a tensor of flat indices.
+        """
         for p, w in zip(self.params, where):
             for value in self.optimizer.state.get(p, {}).values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
-                    tensors.append(value)
-                    keep.append(~w)
-        if tensors:
-            torch._foreach_mul_(tensors, keep)
+                    if w.dtype == torch.bool:
+                        value.masked_fill_(w, 0)
+                    else:
+                        value.view(-1).index_fill_(0, w, 0)
 
     # -- measurements (host reads: call at log intervals only) ----------------------------------
     def kept(self) -> Tensor:
