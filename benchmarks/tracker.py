@@ -11,8 +11,8 @@ repeats interleaved (``_common.interleaved``):
 - ``tracker_per_weight``: the same with ``per_weight=True`` (one more byte per weight);
 - ``tracker_i10`` / ``tracker_i100``: ``interval=10`` / ``100``, timed over that many calls and
   divided by it (the amortized per-step cost);
-- ``--prototype`` adds ``tracker_compiled``: the same update as one ``torch.compile`` graph over
-  all layers (the patch proposed in RESULTS.md), checked bit-identical to the tracker first;
+- ``--prototype`` adds ``tracker_compiled``: ``SignFlipTracker(fused=True)``, the update of all
+  layers as one ``torch.compile`` graph, checked bit-identical to the eager tracker first;
 - ``--primitives`` adds single eager passes over the same weights, to show what costs what on this
   machine: ``exp`` (``torch._foreach_exp``, as in HAM's mirror step), ``gt`` (``w > 0``, a float
   comparison into bool, as in the tracker), and ``mul_bool`` / ``mul_float``
@@ -96,40 +96,24 @@ def _tracker_fn(versions, masks, calls: int, **kwargs) -> Callable[[], None]:
     return run
 
 
-def _compiled_update(weights, codes, masks, counts) -> None:
-    """The tracker update of every layer, in int32/float arithmetic that inductor vectorizes.
-
-    ``masks`` are the bool masks viewed as uint8: inductor's loads of bool tensors are scalar.
-    """
-    for w, code, m, n in zip(weights, codes, masks, counts):
-        now = torch.sign(w)
-        c = code.to(torch.int32)
-        flip = torch.where(((c & 3).to(w.dtype) - 1) * now < 0, 1, 0)
-        code.copy_(((c & 0b11100) | (now + 1).to(torch.int32) | (flip * 16)).to(torch.int8))
-        total, unmasked = flip.sum(), (flip * m.to(torch.int32)).sum()
-        n.add_(torch.stack([total - unmasked, unmasked]))
-
-
 def _prototype_fn(versions, masks) -> tuple[Callable[[], None], float]:
     """The compiled update; checked against the eager tracker. Returns it and its compile seconds."""
-    eager, comp = SignFlipTracker(), SignFlipTracker()
+    eager, comp = SignFlipTracker(), SignFlipTracker(fused=True)
     names = [str(i) for i in range(len(masks))]
     eager.attach(names, versions[0], masks)
     comp.attach(names, versions[0], masks)
-    fn = torch.compile(_compiled_update, fullgraph=True)
-    as_u8 = [m.view(torch.uint8) for m in masks]
     t0 = time.perf_counter()
-    fn(versions[1], comp.codes, as_u8, comp.counts)
+    comp.update(versions[1], masks)
     compile_s = time.perf_counter() - t0
     eager.update(versions[1], masks)
     same = all(torch.equal(a, b) for a, b in zip(eager.codes, comp.codes))
     if not (same and torch.equal(eager.counters(), comp.counters())):
-        raise RuntimeError("the compiled tracker prototype disagrees with SignFlipTracker.update")
+        raise RuntimeError("SignFlipTracker(fused=True) disagrees with the eager tracker")
     state = {"n": 0}
 
     def run() -> None:
         state["n"] += 1
-        fn(versions[state["n"] % 2], comp.codes, as_u8, comp.counts)
+        comp.update(versions[state["n"] % 2], masks)
 
     return run, compile_s
 

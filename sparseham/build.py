@@ -120,4 +120,6 @@ def build_method(cfg: Config) -> method_registry.Method:
 
 def build_tracker(cfg: Config) -> SignFlipTracker | None:
     t = cfg.tracking
-    return SignFlipTracker(interval=t.interval, per_weight=t.per_weight) if t.sign_flips else None
+    if not t.sign_flips:
+        return None
+    return SignFlipTracker(interval=t.interval, per_weight=t.per_weight, fused=t.fused)

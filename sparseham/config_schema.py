@@ -197,7 +197,8 @@ class SparsityConfig(Section):
 class TrackingConfig(Section):
     sign_flips: bool = _f(True, "count sign flips of masked and unmasked weights on the device")
     interval: int = _f(1, "steps between sign-flip comparisons", gt=0)
-    per_weight: bool = _f(False, "also keep a per-weight flip count (one int per weight)")
+    per_weight: bool = _f(False, "also keep a per-weight flip count (one more byte per weight)")
+    fused: bool = _f(False, "compile the tracker update with torch.compile (faster steps, slow first one)")
 
 
 @dataclass

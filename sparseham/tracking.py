@@ -54,21 +54,44 @@ def _update_layer(w: Tensor, code: Tensor, mask: Tensor | None, hist: Tensor | N
     return torch.stack([total - unmasked, unmasked])
 
 
+def _update_all(weights, codes, masks, hists, counts) -> None:
+    """Every layer's update as one graph for ``torch.compile`` (``fused=True``); same results.
+
+    int32/float arithmetic and uint8 views of the masks, which inductor vectorizes (it emits
+    scalar loops for int8 and bool loads).
+    """
+    for i, (w, code, n) in enumerate(zip(weights, codes, counts)):
+        now = torch.sign(w)
+        c = code.to(torch.int32)
+        flip = torch.where(((c & _SIGN).to(w.dtype) - 1) * now < 0, 1, 0)
+        code.copy_(((c & _KEEP_HIGH) | (now + 1).to(torch.int32) | (flip * 16)).to(torch.int8))
+        total = flip.sum()
+        unmasked = total if masks is None else (flip * masks[i].to(torch.int32)).sum()
+        n.add_(torch.stack([total - unmasked, unmasked]))
+        if hists is not None:
+            h = hists[i].to(torch.int32)
+            hists[i].copy_(torch.where(h < 254, h + 2 * flip, h).to(torch.uint8))
+
+
 class SignFlipTracker:
     """Count sign flips of managed weights on their device, with no host synchronisation.
 
     Args:
         interval: compare signs every ``interval`` steps (net flips over each interval).
         per_weight: also keep a saturating per-weight flip count (for histograms).
+        fused: run the update of all layers as one ``torch.compile`` graph: several times faster on
+            CPU after a one-off compile (tens of seconds); the counts are identical.
 
     The :class:`sparseham.MaskManager` calls :meth:`attach` once and :meth:`update` after every
     optimizer step; the logger calls :meth:`read` at its own interval.
     """
 
-    def __init__(self, *, interval: int = 1, per_weight: bool = False) -> None:
+    def __init__(self, *, interval: int = 1, per_weight: bool = False, fused: bool = False) -> None:
         if not (isinstance(interval, int) and interval >= 1):
             raise ValueError(f"Invalid interval: {interval}; must be an int >= 1")
         self.interval = interval
+        self.fused = fused
+        self._compiled = None
         self.per_weight = per_weight
         self.names: list[str] = []
         self.codes: list[Tensor] = []
@@ -92,6 +115,12 @@ class SignFlipTracker:
         """Called after every optimizer step; compares signs on every ``interval``-th call."""
         self.steps += 1
         if self.steps % self.interval:
+            return
+        if self.fused:
+            if self._compiled is None:
+                self._compiled = torch.compile(_update_all, fullgraph=True)
+            u8 = None if masks is None else [m.view(torch.uint8) for m in masks]
+            self._compiled(list(weights), self.codes, u8, self.hists, self.counts)
             return
         for i, w in enumerate(weights):
             mask = None if masks is None else masks[i]

@@ -135,3 +135,21 @@ def test_cuda_pipeline_has_no_host_sync():
             mm.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_fused_update_matches_eager(masked):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (4, 3, 2, 2)]
+    w0 = [torch.randn(s, generator=g) for s in shapes]
+    masks = [torch.rand(s, generator=g) > 0.4 for s in shapes] if masked else None
+    eager, fused = SignFlipTracker(per_weight=True), SignFlipTracker(per_weight=True, fused=True)
+    for t in (eager, fused):
+        t.attach(["a", "b"], w0)
+    for k in range(4):
+        w = [x * torch.where(torch.rand(x.shape, generator=g) < 0.3, -1.0, 1.0) for x in w0]
+        w[0][0, k] = 0.0  # moves to zero are not flips
+        eager.update(w, masks)
+        fused.update(w, masks)
+    assert eager.read() == fused.read()
+    assert all(torch.equal(a, b) for a, b in zip(eager.codes, fused.codes))
