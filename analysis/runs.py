@@ -225,12 +225,19 @@ def group_by_seed(configs: Sequence[dict]) -> list[list[int]]:
     return list(groups.values())
 
 
-def short_keys(keys: Sequence[str]) -> dict[str, str]:
-    """Maps each dotted key to its shortest unique suffix: ``sparsity.method`` -> ``method``."""
+_GENERIC = {"enabled", "name"}
+
+
+def short_keys(keys: Sequence[str], *, readable: bool = False) -> dict[str, str]:
+    """Maps each dotted key to its shortest unique suffix: ``sparsity.method`` -> ``method``.
+
+    ``readable`` keeps the section of keys whose last part says nothing alone (``ham.enabled``,
+    ``model.name``); labels use it, sweep run names do not (they must stay stable).
+    """
     out = {}
     for key in keys:
         parts = key.split(".")
-        for n in range(1, len(parts) + 1):
+        for n in range(2 if readable and parts[-1] in _GENERIC else 1, len(parts) + 1):
             suffix = ".".join(parts[-n:])
             if sum(k == suffix or k.endswith("." + suffix) for k in keys) == 1:
                 break
@@ -269,7 +276,7 @@ def group_labels(configs: Sequence[dict], fallback: str) -> list[str]:
     keys = varying_keys(configs)
     if not keys:
         return [fallback] * len(configs)
-    short = short_keys(keys)
+    short = short_keys(keys, readable=True)
     flats = [flatten(c) for c in configs]
     return [", ".join(f"{short[k]}={value_text(f.get(k))}" for k in keys) for f in flats]
 

@@ -109,7 +109,7 @@ def test_comparison_table_equals_final_json(two_runs):
             assert cell["flips / 1,000 weights / epoch"] == f"{rate:.2f}"
             assert cell["ever flipped (fraction)"] == f"{final['ever_flipped_frac']:.4f}"
             assert cell["wall time (s)"] == f"{final['wall_time_s']:.1f}"
-    assert _table(text, "comparison")[1][0] == "#1 enabled=false"
+    assert _table(text, "comparison")[1][0] == "#1 ham.enabled=false"
 
 
 def test_seed_groups_are_mean_and_std(tmp_path):
@@ -121,8 +121,8 @@ def test_seed_groups_are_mean_and_std(tmp_path):
     blocks, groups, names = report._comparison(loaded, [p.name for p in paths])
     tables = {b[1]: b[2:] for b in blocks if b[0] == "table"}
     head, rows = tables["comparison"]
-    assert groups == [0, 0, 0, 1] and names == ["enabled=true, method=rigl",
-                                                "enabled=false, method=static"]
+    assert groups == [0, 0, 0, 1] and names == ["ham.enabled=true, method=rigl",
+                                                "ham.enabled=false, method=static"]
     cell = dict(zip(head, rows[0]))
     assert cell["n"] == "3" and cell["runs"] == "ham_s0, ham_s1, ham_s2"
     assert cell["test acc"] == "0.9200 ± 0.0200"

@@ -163,8 +163,8 @@ def test_sweep_runs_real_subprocesses_and_aggregates(tmp_path, capsys):
 
     with (tmp_path / "out" / "results.csv").open() as f:
         rows = {r["cell"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"enabled=false", "enabled=true"}
-    for name in ("enabled=false", "enabled=true"):
+    assert set(rows) == {"ham.enabled=false", "ham.enabled=true"}
+    for name in ("ham.enabled=false", "ham.enabled=true"):
         finals = [json.loads((tmp_path / "out" / f"method=rigl_{name}_seed={s}" / "final.json")
                              .read_text()) for s in range(3)]
         row = rows[name]
