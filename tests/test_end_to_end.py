@@ -96,4 +96,5 @@ def test_sweep_runs_real_training_and_skips_finished(tmp_path):
     assert again.returncode == 0 and "2 skipped" in again.stdout
     assert [f.stat().st_mtime_ns for f in finals] == stamps
     table = (tmp_path / "out" / "results.md").read_text()
-    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| ham.enabled=false", "| ham.enabled=true"]
+    rows = [line.split(" | ")[0] for line in table.splitlines()[2:]]
+    assert rows == ["| ham.enabled=false", "| ham.enabled=true"]

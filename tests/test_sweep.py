@@ -165,7 +165,8 @@ def test_sweep_runs_real_subprocesses_and_aggregates(tmp_path, capsys):
         rows = {r["cell"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"ham.enabled=false", "ham.enabled=true"}
     for name in ("ham.enabled=false", "ham.enabled=true"):
-        finals = [json.loads((tmp_path / "out" / f"method=rigl_{name}_seed={s}" / "final.json")
+        run_name = name.removeprefix("ham.")  # run directories keep the short, stable names
+        finals = [json.loads((tmp_path / "out" / f"method=rigl_{run_name}_seed={s}" / "final.json")
                              .read_text()) for s in range(3)]
         row = rows[name]
         assert row["n"] == "3"
