@@ -179,7 +179,7 @@ def test_sweep_runs_real_subprocesses_and_aggregates(tmp_path, capsys):
         assert float(row["ever_flipped_frac_std"]) == pytest.approx(statistics.stdev(ever))
         assert float(row["val_acc_mean"]) == pytest.approx(0.815)
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| enabled=true | 3 | 0.8200 ± 0.0200 | 0.8150 ± 0.0200 | 0.9000 ± 0.0000 |" in md
+    assert "| ham.enabled=true | 3 | 0.8200 ± 0.0200 | 0.8150 ± 0.0200 | 0.9000 ± 0.0000 |" in md
 
 
 def test_aggregate_without_val_acc(tmp_path):
