@@ -65,17 +65,8 @@ def _fmt_time(seconds: float) -> str:
 class RunLogger:
     """Writes a run directory's logs (rank 0 only; other ranks get ``enabled=False``)."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        manager,
-        cfg,
-        *,
-        total_steps: int,
-        steps_per_epoch: int,
-        start_step: int,
-        enabled: bool = True,
-    ) -> None:
+    def __init__(self, run_dir: Path, manager, cfg, *, total_steps: int, steps_per_epoch: int,
+                 start_step: int, enabled: bool = True) -> None:
         self.run_dir, self.manager, self.cfg = run_dir, manager, cfg
         self.total_steps, self.steps_per_epoch, self.enabled = total_steps, steps_per_epoch, enabled
         self.device = manager.params[0].device
@@ -117,19 +108,11 @@ class RunLogger:
         loss, correct = torch.stack([self._loss, self._correct.float()]).tolist()
         n = max(self._seen, 1)
         elapsed = self.wall_time()
-        rate = (step - self.start_step) * self.cfg.data.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+        seconds = max(time.perf_counter() - self.t0, 1e-9)
+        rate = (step - self.start_step) * self.cfg.data.batch_size / seconds
         sparsity = self.manager.sparsity()
-        rec = {
-            "event": "train",
-            "step": step,
-            "epoch": self.epoch(step),
-            "loss": loss / n,
-            "acc": correct / n,
-            "lr": lr,
-            "sparsity": sparsity,
-            "samples_per_s": rate,
-            "time_s": elapsed,
-        }
+        rec = {"event": "train", "step": step, "epoch": self.epoch(step), "loss": loss / n,
+               "acc": correct / n, "lr": lr, "sparsity": sparsity, "samples_per_s": rate, "time_s": elapsed}
         self._loss.zero_()
         self._correct.zero_()
         self._seen = 0

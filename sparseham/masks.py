@@ -33,7 +33,7 @@ class MaskInvariantError(RuntimeError):
 
 
 def prunable_parameters(
-    model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] = ()
+    model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
 ) -> list[tuple[str, nn.Parameter]]:
     """The managed ``(name, parameter)`` pairs of ``model``.
 
@@ -41,7 +41,7 @@ def prunable_parameters(
     globs over parameter names replace that default; ``exclude`` globs remove names.
     """
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    exclude = tuple(exclude)
+    exclude = tuple(exclude or ())
     if include is not None:
         include = tuple(include)
         chosen = [(n, p) for n, p in model.named_parameters() if matches_any(n, include)]
@@ -78,7 +78,7 @@ class MaskManager:
         method: Method,
         tracker: Any = None,
         include: Iterable[str] | None = None,
-        exclude: Iterable[str] = (),
+        exclude: Iterable[str] | None = None,
         *,
         total_steps: int | None = None,
         steps_per_epoch: int | None = None,

@@ -70,6 +70,7 @@ def test_selects_conv_and_linear_weights_only():
     mm = MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), Swapper(0.5))
     assert mm.names == ["conv.weight", "fc1.weight", "fc2.weight"]
     mm2 = MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), Swapper(0.5), exclude=["fc2.*"])
+    assert MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), Swapper(0.5), None, None, None).names
     assert mm2.names == ["conv.weight", "fc1.weight"]
     mm3 = MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), Swapper(0.5), include=["*.bias"])
     assert mm3.names == ["conv.bias", "bn.bias", "fc1.bias", "fc2.bias"]
