@@ -17,16 +17,6 @@ from sparseham.data_loaders import TensorLoader, random_crop_flip
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Runs each test on one thread: these tensors are small, and on a busy 2-core machine
-    OpenMP spin-waits made multi-threaded ops up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _batches(loader, epoch, start=0):
     return list(loader.epoch(epoch, start=start))
 

@@ -15,16 +15,6 @@ from sparseham.data import DataError, build_data
 from sparseham.data_files import find_fashion_mnist, load_mnist, read_idx, restricted_load
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Runs each test on one thread: these tensors are small, and on a busy 2-core machine
-    OpenMP spin-waits made multi-threaded ops up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _write_idx(path, array, magic=None):
     magic = magic if magic is not None else 0x800 + array.ndim
     raw = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
@@ -118,7 +108,6 @@ def test_corrupt_system_file_says_reinstall(tmp_path, monkeypatch):
         read_idx(path, 1)
 
 
-
 @pytest.mark.parametrize(
     ("dataset", "match"),
     [
@@ -135,7 +124,6 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch, dataset, matc
     monkeypatch.setattr(data_files, "FASHION_SYSTEM_DIR", tmp_path / "absent")
     with pytest.raises(DataError, match=match):
         build_data(dataset, root=str(tmp_path), batch_size=8, seed=0)
-
 
 
 class _Exploit:

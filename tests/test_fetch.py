@@ -8,23 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from torchvision import datasets
 
 from sparseham import data_files, fetch
 from sparseham.data import DataError, build_data
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Runs each test on one thread: these tensors are small, and on a busy 2-core machine
-    OpenMP spin-waits made multi-threaded ops up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

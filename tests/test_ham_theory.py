@@ -33,15 +33,6 @@ RUNS = [(1e-4, 0.1), (1.0, 0.02), (10.0, 0.04), (10.0, 0.02), (10.0, 0.01), (100
 ALPHAS = (1e-4, 1.0, 10.0, 100.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # 40x100 matrices: with two busy cores, OpenMP hand-offs cost more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def problem():
     return make_problem(seed=0)

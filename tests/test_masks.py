@@ -70,7 +70,8 @@ def test_selects_conv_and_linear_weights_only():
     mm = MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), Swapper(0.5))
     assert mm.names == ["conv.weight", "fc1.weight", "fc2.weight"]
     mm2 = MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), Swapper(0.5), exclude=["fc2.*"])
-    assert MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), Swapper(0.5), None, None, None).names
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert MaskManager(model, opt, Swapper(0.5), None, None, None).names  # None means the defaults
     assert mm2.names == ["conv.weight", "fc1.weight"]
     mm3 = MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), Swapper(0.5), include=["*.bias"])
     assert mm3.names == ["conv.bias", "bn.bias", "fc1.bias", "fc2.bias"]

@@ -9,16 +9,6 @@ from torch import nn
 from sparseham.models import MODELS, build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Runs each test on one thread: these tensors are small, and on a busy 2-core machine
-    OpenMP spin-waits made multi-threaded ops up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
