@@ -7,32 +7,20 @@ the tensors). ``dynamic=None`` lets the second distinct ``lr`` recompile once wi
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 __all__ = ["fused_ham"]
 
 
-def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp: float, max_norm):
+def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp: float) -> None:
     for p, g, s in zip(params, grads, signs):
         e = torch.sign(s) * g * (-lr * alpha) - lr * beta
         # NaN -> 0 (the clamp handles +-inf); a where() compiles to a vector select, nan_to_num
         # to a scalar loop.
         e = torch.where(e == e, e, 0.0)
         p.mul_(torch.exp(torch.clamp(e, -clamp, clamp)))
-        if max_norm is not None:
-            # A separate in-place pass: computing the norm of the product before writing it back
-            # makes the compiled kernel materialise a full-size temporary.
-            p.mul_(_cap(max_norm, p))
-
-
-def _cap(max_norm: float, p: torch.Tensor) -> torch.Tensor:
-    """Factor that brings ``p``'s norm down to ``max_norm`` (see ``sparseham.ham.cap_norms_``)."""
-    norm = torch.linalg.vector_norm(p)
-    bound = torch.where(torch.isfinite(norm), norm, p.abs().amax() * math.sqrt(p.numel()))
-    return torch.where(torch.isfinite(bound), torch.clamp(max_norm / bound, max=1.0), 1.0)
 
 
 _compiled = None
@@ -49,8 +37,17 @@ def fused_ham(
     clamp: float,
     max_norm: float | None,
 ) -> None:
-    """Apply the mirror step to every tensor in one compiled call (see ``sparseham.ham``)."""
+    """Apply the mirror step to every tensor in one compiled call (see ``sparseham.ham``).
+
+    The norm cap runs after it as the eager foreach ``cap_norms_``: compiled into the same graph,
+    inductor's CPU code for the two reductions cost about 4x an SGD step, the eager version 0.6x.
+    """
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(_ham_pass, fullgraph=True, dynamic=None)
-    _compiled(params, grads, signs, lr, float(alpha), float(beta), float(clamp), max_norm)
+    _compiled(params, grads, signs, lr, float(alpha), float(beta), float(clamp))
+    if max_norm is not None:
+        from .ham import cap_norms_
+
+        for (group,), _ in Optimizer._group_tensors_by_device_and_dtype([params]).values():
+            cap_norms_(group, max_norm)
