@@ -7,16 +7,18 @@ variants alike; :func:`summarize` reports the median with the interquartile rang
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["Summary", "interleaved", "machine", "model_shapes", "summarize"]
+__all__ = ["Summary", "interleaved", "machine", "model_shapes", "summarize", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +95,12 @@ def model_shapes(name: str) -> list[tuple[int, ...]]:
     with torch.device("meta"):
         model = getattr(torchvision.models, name)(weights=None)
     return [tuple(p.shape) for p in model.parameters()]
+
+
+def write_report(json_path: Path | None, **entries) -> dict:
+    """The report every benchmark returns: the machine line and its entries, also as JSON if asked."""
+    report = {"machine": machine(), **entries}
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2))
+    return report

@@ -25,7 +25,6 @@ update step, so one update's cost (timed on the pipeline's own manager afterward
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,10 +43,10 @@ from sparseham.models import build_model
 from sparseham.trainer import Trainer
 
 if __package__:
-    from ._common import interleaved, machine, summarize
+    from ._common import interleaved, machine, summarize, write_report
     from .tracker import paired_ratio, synced
 else:  # run as a script: benchmarks/ is on sys.path
-    from _common import interleaved, machine, summarize
+    from _common import interleaved, machine, summarize, write_report
     from tracker import paired_ratio, synced
 
 __all__ = ["INPUTS", "TARGET", "bench", "main"]
@@ -263,11 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cpu")
     results = [bench(n, args.batch, args.repeats, device=device, seed=args.seed,
                      warmup=1 if args.quick else 2) for n in names]
-    report = {"machine": machine(), "results": results}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    return write_report(args.json, results=results)
 
 
 if __name__ == "__main__":

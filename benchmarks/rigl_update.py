@@ -30,7 +30,6 @@ It also times what every step (not only update steps) spends on masking: ``mask_
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,10 +41,10 @@ from sparseham import MaskManager
 from sparseham.models import build_model
 
 if __package__:
-    from ._common import interleaved, machine, summarize
+    from ._common import interleaved, machine, summarize, write_report
     from .tracker import paired_ratio, synced
 else:  # run as a script: benchmarks/ is on sys.path
-    from _common import interleaved, machine, summarize
+    from _common import interleaved, machine, summarize, write_report
     from tracker import paired_ratio, synced
 
 __all__ = ["MEMORY_TARGET", "SPEEDUP_TARGET", "bench", "main", "naive_update", "peak_extra_bytes",
@@ -239,11 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.model, args.repeats = "resnet20", 2
     print(machine())
     result = bench(args.model, args.sparsity, args.repeats, device=torch.device("cpu"), seed=args.seed)
-    report = {"machine": machine(), "result": result}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    return write_report(args.json, result=result)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ on a shared 2-core machine, torch's default threads make the numbers far noisier
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Callable
@@ -40,9 +39,9 @@ from torch import Tensor, nn
 from sparseham import SignFlipTracker
 
 if __package__:
-    from ._common import interleaved, machine, model_shapes, summarize
+    from ._common import interleaved, machine, model_shapes, summarize, write_report
 else:  # run as a script: benchmarks/ is on sys.path
-    from _common import interleaved, machine, model_shapes, summarize
+    from _common import interleaved, machine, model_shapes, summarize, write_report
 
 __all__ = ["TARGET", "bench", "main", "paired_ratio", "synced"]
 
@@ -196,11 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = [bench(n, args.repeats, device=device, seed=args.seed, warmup=1 if args.quick else 2,
                      prototype=args.prototype, primitives=args.primitives,
                      layers=4 if args.quick else None) for n in names]
-    report = {"machine": machine(), "results": results}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+    return write_report(args.json, results=results)
 
 
 if __name__ == "__main__":
