@@ -114,7 +114,7 @@ def test_mask_manager_step_never_reads_the_device(monkeypatch):
         nn.functional.cross_entropy(model(x), y).backward()
         with _no_host_reads(monkeypatch):
             mm.step()
-    assert sum(r["unmasked"] + r["masked"] for r in mm.tracker.read().values()) >= 0
+    assert mm.tracker.steps == 5  # the tracker did run on every one of those steps
     with _no_host_reads(monkeypatch), pytest.raises(AssertionError, match="Tensor.tolist"):
         mm.tracker.read()  # the check is live: a host read does raise
 
