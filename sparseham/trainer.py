@@ -181,6 +181,8 @@ class Trainer:
         dropped and the BatchNorm statistics restored. Skipped, it still uses up its batch and its
         learning-rate step; the method's step counter does not move.
         """
+        if self.cfg.train.on_nonfinite == "ignore":
+            return False
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         bad = ~torch.isfinite(losses).all()
         if grads and self.scaler is None:

@@ -99,6 +99,12 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     assert steps == sorted(set(steps))  # the resumed run rewrote, not duplicated, its records
 
 
+def test_nonfinite_check_ignore_trains(tmp_path):
+    out = tmp_path / "run"
+    train(out, *SYNTH, "train.max_steps=5", "train.on_nonfinite=ignore")
+    assert json.loads((out / "final.json").read_text())["steps"] == 5
+
+
 def test_finished_run_rerun_says_so(tmp_path):
     out = tmp_path / "run"
     train(out, *SYNTH, "train.max_steps=5")
