@@ -178,7 +178,8 @@ class MaskManager:
         reference = self.masks if reference is None else reference
         churn = None
         if reference is not None:
-            churn = torch.stack([(a ^ b).sum() for a, b in zip(reference, new)])
+            # count_nonzero, not sum: a bool sum widens to int64 first, ~20x slower on CPU.
+            churn = torch.stack([torch.count_nonzero(a ^ b) for a, b in zip(reference, new)])
         self.masks = new
         self._refresh_factors()
         self.expected = expected if expected is None or isinstance(expected, int) else list(expected)
@@ -215,12 +216,12 @@ class MaskManager:
         projects, AC/DC decompressed) it is the count of non-zero effective weights.
         """
         if self.masks is not None and self.method.masking:
-            return torch.stack([m.sum() for m in self.masks])
+            return torch.stack([torch.count_nonzero(m) for m in self.masks])
         return torch.stack([torch.count_nonzero(w) for w in self.method.effective_weights(self)])
 
     def zeros(self) -> Tensor:
         """Per-layer count of effective weights that are exactly zero, as one device tensor."""
-        return torch.stack([(w == 0).sum() for w in self.method.effective_weights(self)])
+        return torch.stack([w.numel() - torch.count_nonzero(w) for w in self.method.effective_weights(self)])
 
     def layer_sparsity(self) -> dict[str, float]:
         """Achieved sparsity of each managed tensor, ``1 - kept / numel`` (reads the device)."""
@@ -240,7 +241,7 @@ class MaskManager:
         """
         if self.masks is None or not self.method.masking:
             return
-        kept = torch.stack([m.sum() for m in self.masks])
+        kept = torch.stack([torch.count_nonzero(m) for m in self.masks])
         leaked = torch.stack([torch.count_nonzero(p * ~m) for p, m in zip(self.params, self.masks)])
         kept, leaked = torch.stack([kept, leaked]).tolist()
         want = self.expected if self.expected is not None else kept
