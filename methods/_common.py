@@ -8,7 +8,7 @@ from torch import Tensor
 from sparseham.distributions import layer_counts, matches_any
 from sparseham.topk import global_topk_masks, topk_mask
 
-__all__ = ["shapes_of", "counts_for", "random_masks", "magnitude_masks", "seeded_generator"]
+__all__ = ["shapes_of", "counts_for", "random_masks", "score_masks", "magnitude_masks", "seeded_generator"]
 
 
 def shapes_of(manager) -> dict[str, tuple[int, ...]]:
@@ -35,19 +35,27 @@ def random_masks(manager, counts: list[int], offset: int = 0) -> list[Tensor]:
     ]
 
 
-def magnitude_masks(manager, weights: list[Tensor], target: float, distribution: str, dense) -> tuple:
-    """Keep the largest ``|w|``: per layer by ``distribution`` or with one global threshold.
+def score_masks(manager, scores: list[Tensor], target: float, distribution: str, dense) -> tuple:
+    """Keep the highest ``scores``: per layer by ``distribution`` or with one global threshold.
 
     Returns ``(masks, expected)``: the per-layer counts, or for ``global`` the total kept count
     (its split over layers is only known on the device). Layers matching ``dense`` stay whole.
     """
     if distribution != "global":
         counts = counts_for(manager, target, distribution, dense)
-        return [topk_mask(w.abs(), k) for w, k in zip(weights, counts)], counts
-    total = sum(w.numel() for w in weights)
+        return [topk_mask(s, k) for s, k in zip(scores, counts)], counts
     is_dense = [matches_any(n, dense) for n in manager.names]
-    budget = round((1.0 - target) * total) - sum(w.numel() for w, d in zip(weights, is_dense) if d)
-    free = [w.abs() for w, d in zip(weights, is_dense) if not d]
-    chosen = iter(global_topk_masks(free, budget))
-    masks = [torch.ones_like(w, dtype=torch.bool) if d else next(chosen) for w, d in zip(weights, is_dense)]
-    return masks, round((1.0 - target) * total)
+    budget = round((1.0 - target) * sum(s.numel() for s in scores))
+    k = budget - sum(s.numel() for s, d in zip(scores, is_dense) if d)
+    if k < 0:
+        raise ValueError(f"the dense layers alone hold more than {1 - target:.4g} of the weights; "
+                         "lower the target or keep fewer layers dense")
+    free = [s for s, d in zip(scores, is_dense) if not d]
+    chosen = iter(global_topk_masks(free, k) if free else [])
+    masks = [torch.ones_like(s, dtype=torch.bool) if d else next(chosen) for s, d in zip(scores, is_dense)]
+    return masks, budget
+
+
+def magnitude_masks(manager, weights: list[Tensor], target: float, distribution: str, dense) -> tuple:
+    """:func:`score_masks` with ``|w|`` as the score."""
+    return score_masks(manager, [w.abs() for w in weights], target, distribution, dense)

@@ -14,11 +14,10 @@ import math
 import torch
 from torch import Tensor
 
-from sparseham.distributions import layer_counts, matches_any
 from sparseham.method import Method, register, suggest
-from sparseham.topk import global_topk_masks, topk_mask
 
 from . import scoring
+from ._common import score_masks
 
 __all__ = ["Static", "StaticOptions"]
 
@@ -98,23 +97,10 @@ class Static(Method):
                ) -> tuple[list[Tensor], list[int] | int]:
         """Masks of the highest ``scores`` at ``sparsity``, and the kept counts: per layer, or
         for ``global`` the total (the split is only known on the device; ``verify`` checks it)."""
-        names, params = manager.names, manager.params
-        if self.distribution != "global":
-            shapes = {n: tuple(p.shape) for n, p in zip(names, params)}
-            counts = layer_counts(shapes, sparsity, self.distribution, self.dense_layers)
-            counts = [counts[n] for n in names]
-            return [topk_mask(s, k) for s, k in zip(scores, counts)], counts
-        dense = [matches_any(n, self.dense_layers) for n in names]
-        budget = round((1.0 - sparsity) * sum(p.numel() for p in params))
-        k = budget - sum(p.numel() for p, d in zip(params, dense) if d)
-        if k < 0:
-            raise ValueError(f"static: the dense layers alone hold more than {1 - sparsity:.4g} "
-                             "of the weights; lower the target or keep fewer layers dense")
-        free = [s for s, d in zip(scores, dense) if not d]
-        chosen = iter(global_topk_masks(free, k) if free else [])
-        masks = [torch.ones_like(s, dtype=torch.bool) if d else next(chosen)
-                 for s, d in zip(scores, dense)]
-        return masks, budget
+        try:
+            return score_masks(manager, scores, sparsity, self.distribution, self.dense_layers)
+        except ValueError as e:
+            raise ValueError(f"static: {e}") from None
 
 
 def _batches(method: Static, manager) -> list:

@@ -129,7 +129,7 @@ class RunLogger:
         events, self.manager.mask_events[:] = list(self.manager.mask_events), []
         if not events:
             return
-        layer = self.manager.layer_sparsity()
+        layer, overall = self.manager.layer_sparsity(), self.manager.sparsity()  # read once, not per event
         for ev in events:
             churn = None if ev["churn"] is None else dict(zip(self.manager.names, ev["churn"].tolist()))
             self.metrics.write(
@@ -140,7 +140,7 @@ class RunLogger:
                     "phase": ev["phase"],
                     "churn": churn,
                     "sparsity": layer,
-                    "global_sparsity": self.manager.sparsity(),
+                    "global_sparsity": overall,
                 }
             )
             if self.tb and churn:
