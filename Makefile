@@ -26,7 +26,7 @@ data: setup
 	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null || \
 	  ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null) || true; \
 	fi
-	$(PY) -m sparseham.fetch fashion_mnist mnist --root data
+	$(PY) -m sparseham fetch fashion_mnist mnist --root data
 
 # Headless Chromium for the report's browser test.
 browser:
@@ -38,7 +38,7 @@ browser:
 
 demo: data
 	$(PY) train.py --config configs/default.yaml --out $(RUN)
-	$(PY) -m analysis.report $(RUN) --out $(RUN)/report
+	$(PY) -m sparseham report $(RUN) --out $(RUN)/report
 	@echo
 	@echo "Run directory:   $(RUN)"
 	@echo "TensorBoard:     $(VENV)/bin/tensorboard --logdir $(RUN)"
@@ -55,9 +55,9 @@ clean:
 # so it can be stopped and restarted). Step 1 tunes HAM on validation data, step 2 is the grid.
 STUDY_JOBS ?= 2
 study: data
-	OMP_NUM_THREADS=1 $(PY) -m analysis.sweep configs/studies/tune.yaml --jobs $(STUDY_JOBS)
-	$(PY) -m analysis.study select runs/studies/tune
+	OMP_NUM_THREADS=1 $(PY) -m sparseham sweep configs/studies/tune.yaml --jobs $(STUDY_JOBS)
+	$(PY) -m sparseham study select runs/studies/tune
 	for s in fmnist_lenet300 mnist_lenet300 fmnist_lenet5 mnist_lenet5; do \
-	  OMP_NUM_THREADS=1 $(PY) -m analysis.sweep configs/studies/main_$$s.yaml --jobs $(STUDY_JOBS) || exit 1; \
+	  OMP_NUM_THREADS=1 $(PY) -m sparseham sweep configs/studies/main_$$s.yaml --jobs $(STUDY_JOBS) || exit 1; \
 	done
-	$(PY) -m analysis.study table runs/studies/main --out docs/study
+	$(PY) -m sparseham study table runs/studies/main --out docs/study

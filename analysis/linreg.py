@@ -10,7 +10,7 @@ converges to the Bregman projection :math:`\arg\min_{Zx = y} R_\alpha(x) - \lang
 R_\alpha(x_0), x\rangle`; discrete steps land :math:`O(\eta)` away (PAPER-NOTES §6.2-6.3).
 :func:`bregman_projection` computes it independently of HAM, from the dual problem.
 
-``python -m analysis.linreg [--out DIR] [--steps N]`` writes ``linreg.png``, ``linreg.md`` and
+``python -m sparseham.analysis.linreg [--out DIR] [--steps N]`` writes ``linreg.png``, ``linreg.md`` and
 ``linreg.csv`` to ``DIR``.
 """
 
@@ -228,7 +228,8 @@ def _write(out: Path, rows: list[dict], fig: Figure, header: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m analysis.linreg", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sparseham.analysis.linreg",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/linreg"),
                         help="output directory (default: benchmarks/results/linreg)")
     parser.add_argument("--steps", type=int, default=20000,

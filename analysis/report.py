@@ -1,4 +1,4 @@
-"""Sign-flip reports: ``python -m analysis.report RUN [RUN ...] --out DIR [--top-k 8]``.
+"""Sign-flip reports: ``sparseham report RUN [RUN ...] --out DIR [--top-k 8]``.
 
 Writes ``DIR/report.html`` (self-contained: plots embedded as data URIs, inline CSS, no
 scripts), ``DIR/report.md`` (the same tables, plots linked by relative path) and the plots as
@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
-
-from analysis.plots import compare_figure, run_figures
-from analysis.runs import (
+from sparseham.analysis.plots import compare_figure, run_figures
+from sparseham.analysis.runs import (
     Run,
     flatten,
     flip_series,
@@ -272,9 +271,9 @@ def write_report(runs: list[Path], out: Path, top_k: int = 8) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.report",
+    parser = argparse.ArgumentParser(prog="sparseham report",
                                      description="Sign-flip report (HTML + Markdown) for runs.")
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories written by train.py")
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories written by sparseham train")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--top-k", type=int, default=8,
                         help="layers per per-layer plot, besides the aggregate (default 8)")
@@ -282,10 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = write_report(args.runs, args.out, args.top_k)
     except ValueError as err:  # RunError included
-        print(f"analysis.report: {err}", file=sys.stderr)
+        print(f"sparseham report: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"analysis.report: {err}", file=sys.stderr)
+        print(f"sparseham report: {err}", file=sys.stderr)
         return 1
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0

@@ -1,4 +1,4 @@
-"""Reading run directories written by ``train.py`` (config.yaml, metrics.jsonl,
+"""Reading run directories written by ``sparseham train`` (config.yaml, metrics.jsonl,
 signflips.jsonl, final.json), the only input of ``analysis/``, and comparing runs: grouping
 by seed (:func:`group_by_seed`) and mean ± std (:func:`fmt_stat`).
 """

@@ -1,7 +1,7 @@
 """The small-scale study: pick HAM's alpha and beta on validation data, then tabulate and plot.
 
-    python -m analysis.study select runs/studies/tune            # best (alpha, beta) per method
-    python -m analysis.study table runs/studies/main --out docs   # results table + sign-flip figure
+    sparseham study select runs/studies/tune            # best (alpha, beta) per method
+    sparseham study table runs/studies/main --out docs   # results table + sign-flip figure
 
 ``select`` reads the tuning sweep (``configs/studies/tune.yaml``: a held-out 10% of the training
 set, never the test set) and writes ``selection.md``/``selection.json`` next to the runs: per
@@ -24,8 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
-
-from analysis.runs import RunError, load_run, mean_std  # noqa: E402
+from sparseham.analysis.runs import RunError, load_run, mean_std  # noqa: E402
 
 __all__ = ["method_key", "select", "table", "main"]
 
@@ -156,7 +155,7 @@ def _flips_figure(root: Path, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sparseham study", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("select").add_argument("root", type=Path)
     t = sub.add_parser("table")

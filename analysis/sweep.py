@@ -1,4 +1,4 @@
-"""Grid sweeps over train.py: ``python -m analysis.sweep SWEEP.yaml [--jobs N] [--dry-run]``.
+"""Grid sweeps of training runs: ``sparseham sweep SWEEP [--jobs N] [--dry-run]``.
 
 SWEEP.yaml::
 
@@ -10,8 +10,9 @@ SWEEP.yaml::
       ham.enabled: [false, true]
       experiment.seed: [0, 1, 2]
 
-Each cell runs ``python train.py --config CONFIG --set k=v ... --out OUT/NAME`` from the
-repository root (values as YAML scalars: ``true``, ``null``, ``0.001``), one at a time or
+SWEEP is a file or the name of a shipped sweep (``studies/tune``). Each cell runs
+``python -m sparseham train --config CONFIG --set k=v ... --out OUT/NAME`` in the current
+directory (values as YAML scalars: ``true``, ``null``, ``0.001``), one at a time or
 ``--jobs N`` at once, its output appended to ``OUT/logs/NAME.log``. NAME joins the keys that
 vary between cells (last component, lengthened where two share it) and their values, e.g.
 ``method=rigl_enabled=true_seed=0``; clashes get ``-2``, ``-3``. Cells with a final.json are
@@ -39,15 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from sparseham.analysis import runs
 
-from analysis import runs
+from sparseham.config.shipped import resolve_config
 
 __all__ = [
-    "REPO_ROOT", "Cell", "Sweep", "SweepError", "aggregate", "cell_names", "expand", "load_sweep",
+    "Cell", "Sweep", "SweepError", "aggregate", "cell_names", "expand", "load_sweep",
     "main", "plan", "run_sweep", "train_command",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_COLUMNS = [("test_acc", 4), ("val_acc", 4), ("sparsity", 4), ("total_flips", 0),
                   ("ever_flipped_frac", 4), ("wall_time_s", 1)]
 
@@ -116,7 +117,7 @@ def load_sweep(path: Path | str) -> Sweep:
     Raises:
         SweepError: unreadable YAML, a missing or unknown key, a bad grid or no base config.
     """
-    path = Path(path)
+    path = resolve_config(path)
     spec = _read_spec(path)
     config = (path.parent / str(spec["config"])).resolve()
     if not config.is_file():
@@ -168,9 +169,9 @@ def cell_names(cells: Sequence[dict]) -> list[str]:
 
 
 def train_command(cell: Cell) -> list[str]:
-    """The default command of a cell: ``python train.py --config ... --set ... --out ...``."""
+    """The default command of a cell: ``python -m sparseham train --config ... --set ... --out ...``."""
     sets = [a for k, v in cell.overrides.items() for a in ("--set", f"{k}={runs.value_text(v)}")]
-    return [sys.executable, "train.py", "--config", str(cell.config), *sets, "--out",
+    return [sys.executable, "-m", "sparseham", "train", "--config", str(cell.config), *sets, "--out",
             str(cell.run_dir)]
 
 
@@ -186,7 +187,7 @@ def _run_cell(cell: Cell, argv: list[str]) -> int:
         log.write(f"$ {shlex.join(argv)}\n")
         log.flush()
         try:
-            return subprocess.run(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, check=False).returncode
         except OSError as err:
             log.write(f"cannot start the command: {err}\n")
@@ -214,13 +215,13 @@ def run_sweep(path: Path | str, jobs: int = 1, dry_run: bool = False,
         path: the sweep file.
         jobs: runs at a time.
         dry_run: only print what would run.
-        command: builds a cell's argv, run from the repository root (default train_command).
+        command: builds a cell's argv, run in the current directory (default train_command).
 
     Returns:
         0, or 1 when a run failed.
 
     Raises:
-        SweepError: a bad sweep file, ``jobs`` < 1, or no train.py for the default command.
+        SweepError: a bad sweep file or ``jobs`` < 1.
     """
     if jobs < 1:
         raise SweepError(f"--jobs must be at least 1, got {jobs}")
@@ -231,8 +232,6 @@ def run_sweep(path: Path | str, jobs: int = 1, dry_run: bool = False,
     if dry_run:
         print("\n".join(shlex.join(command(cell)) for cell in todo))
         return 0
-    if command is train_command and todo and not (REPO_ROOT / "train.py").is_file():
-        raise SweepError(f"{REPO_ROOT / 'train.py'} not found; the sweep needs the trainer")
     failed = _run_all(todo, command, jobs)
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
@@ -283,16 +282,16 @@ def aggregate(out_root: Path | str) -> tuple[Path, Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.sweep",
-                                     description="Run a grid of train.py runs and tabulate them.")
-    parser.add_argument("sweep", type=Path, help="the sweep file (format: module docstring)")
+    parser = argparse.ArgumentParser(prog="sparseham sweep",
+                                     description="Run a grid of training runs and tabulate them.")
+    parser.add_argument("sweep", help="the sweep file or a shipped sweep's name (format: module docstring)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     try:
         return run_sweep(args.sweep, jobs=args.jobs, dry_run=args.dry_run)
     except SweepError as err:
-        print(f"analysis.sweep: {err}", file=sys.stderr)
+        print(f"sparseham sweep: {err}", file=sys.stderr)
         return 2
 
 

@@ -37,8 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import methods
-from sparseham import HAM, MaskManager, SignFlipTracker
+from sparseham import HAM, MaskManager, SignFlipTracker, methods
 from sparseham.schedules import periodic
 
 if __package__:

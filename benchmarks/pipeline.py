@@ -13,7 +13,8 @@ makes it). One timed call is one training step; the variants run interleaved:
 - ``tracker``: the plain loop plus ``SignFlipTracker(interval=1).update`` after the step;
 - ``masks``: ``MaskManager(RigL 90% ERK, update every 100 steps).step()`` over plain SGD;
 - ``pipeline``: ``MaskManager(RigL) + HAM(SGD) + SignFlipTracker``, ``mm.step()`` in a plain loop;
-- ``trainer``: the same objects driven through ``sparseham.trainer.Trainer.train_step`` itself, on
+- ``trainer``: the same objects driven through ``sparseham.train.trainer.Trainer.train_step``
+      itself, on
   a stand-in that holds what the step reads (no run directory, no file I/O): BatchNorm buffer
   snapshot, the per-step finite-loss-and-gradient guard, the logger's accumulators, the LR schedule.
 
@@ -33,14 +34,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-import methods
-from sparseham import HAM, MaskManager, SignFlipTracker
-from sparseham.build import lr_factor
+from sparseham import HAM, MaskManager, SignFlipTracker, methods
 from sparseham.data import build_data
-from sparseham.logging import RunLogger
 from sparseham.masks import prunable_parameters
 from sparseham.models import build_model
-from sparseham.trainer import Trainer
+from sparseham.train.build import lr_factor
+from sparseham.train.logger import RunLogger
+from sparseham.train.trainer import Trainer
 
 if __package__:
     from ._common import interleaved, machine, summarize, write_report

@@ -36,8 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-import methods
-from sparseham import MaskManager
+from sparseham import MaskManager, methods
 from sparseham.models import build_model
 
 if __package__:

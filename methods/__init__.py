@@ -1,10 +1,11 @@
 """Sparsification methods as plug-ins: one file each, registered by name.
 
->>> import methods
+>>> from sparseham import methods
 >>> methods.get("rigl")(target=0.9, distribution="erk")
 
-Add a method by subclassing :class:`sparseham.Method` in a new file here, decorating it with
-``@methods.register("name")``, and importing the file at the bottom of this module.
+This folder installs as ``sparseham.methods``. Add a method by subclassing
+:class:`sparseham.Method` in a new file here, decorating it with ``@methods.register("name")``,
+and importing the file at the bottom of this module.
 """
 
 from sparseham.method import Method, available, get, register

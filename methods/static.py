@@ -1,6 +1,6 @@
 """Pruning at initialization (``static``): one mask, scored once in ``setup`` and kept fixed.
 
-Scores come from :mod:`methods.scoring`. With distribution ``uniform``, ``er`` or ``erk`` each
+Scores come from :mod:`sparseham.methods.scoring`. With distribution ``uniform``, ``er`` or ``erk`` each
 layer keeps its top ``layer_counts`` scores; with ``global`` one threshold runs over all layers
 (``dense_layers`` stay dense and out of the competition). Set-up leaves the model and the global
 RNG exactly as they were (scores use a copy; data is read under ``torch.random.fork_rng``).

@@ -15,12 +15,14 @@ sign flips easier. The clamp at :math:`\pm c` is the official code's safety clip
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from ._ham_kernels import _fused_ham, _multi_tensor_ham, _single_tensor_ham
 
 __all__ = ["HAM", "ham"]
 
@@ -89,12 +91,19 @@ class HAM(Optimizer):
         self._keys = ("ham_alpha", "ham_beta") if clash else ("alpha", "beta")
         self.sign, self.clamp, self.max_norm, self.min_ndim = sign, float(clamp), max_norm, min_ndim
         self.foreach, self.fused = foreach, fused
-        defaults = {self._keys[0]: float(alpha), self._keys[1]: float(beta)}
+        # The base's defaults too: schedulers such as OneCycleLR and CyclicLR look for
+        # "momentum" or "betas" there.
+        defaults = {**optimizer.defaults, self._keys[0]: float(alpha), self._keys[1]: float(beta)}
         # Optimizer.__init__ registers the base's groups through our add_param_group, which only
-        # fills in HAM's keys; afterwards both objects point at the same groups and state.
+        # fills in missing keys; afterwards both objects point at the same groups and state.
         super().__init__(optimizer.param_groups, defaults)
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
+        # Diagnostics, per mirrored tensor, on its device: entries whose exponent reached the
+        # clamp and times the norm cap rescaled it, since the last read; and mirror steps taken.
+        self._hits: dict[Tensor, Tensor] = {}
+        self._caps: dict[Tensor, Tensor] = {}
+        self._steps: dict[Tensor, int] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key, value in self.defaults.items():
@@ -134,9 +143,10 @@ class HAM(Optimizer):
             keep = [j for j, p in enumerate(params) if p.grad is not None]
             if not keep:
                 continue
-            ham(
-                [params[j] for j in keep],
-                [params[j].grad for j in keep],
+            stepped = [params[j] for j in keep]
+            hits, caps = ham(
+                stepped,
+                [p.grad for p in stepped],
                 [pre_signs[i][j] for j in keep] if pre_signs is not None else None,
                 lr=group["lr"],
                 alpha=alpha,
@@ -146,7 +156,53 @@ class HAM(Optimizer):
                 foreach=self.foreach,
                 fused=self.fused,
             )
+            self._count(stepped, hits, caps)
         return loss
+
+    def _count(self, params: list[Tensor], hits: list[Tensor], caps: list[Tensor]) -> None:
+        for p in params:
+            if p not in self._hits:
+                self._hits[p] = torch.zeros((), dtype=torch.int64, device=p.device)
+                self._caps[p] = torch.zeros((), dtype=torch.int64, device=p.device)
+            self._steps[p] = self._steps.get(p, 0) + 1
+        torch._foreach_add_([self._hits[p] for p in params], hits)
+        if caps:
+            torch._foreach_add_([self._caps[p] for p in params], caps)
+
+    def diagnostics(self, names: Mapping[Tensor, str] | None = None, *, reset: bool = True) -> dict[str, Any]:
+        """What the mirror step did since the last read (reads the device: call at log intervals).
+
+        Args:
+            names: parameter -> name, for the per-layer entries (default: ``"group.index"``).
+            reset: start counting anew after this read.
+
+        Returns:
+            ``clamped_fraction``: the fraction of mirrored entries, over all steps since the last
+            read, whose exponent reached ``±clamp`` (the trust region was active), with its
+            numerator ``clamped`` and denominator ``entries``;
+            ``capped``: how many times the norm cap rescaled a tensor; ``steps``: the most mirror
+            steps any tensor took; ``layers``: ``{name: {"clamped_fraction", "capped"}}``.
+        """
+        params = list(self._hits)
+        if not params:
+            return {"clamped_fraction": 0.0, "clamped": 0, "entries": 0, "capped": 0, "steps": 0,
+                    "layers": {}}
+        if names is None:
+            names = {p: f"{g}.{j}" for g, group in enumerate(self.param_groups)
+                     for j, p in enumerate(group["params"])}
+        home = params[0].device  # one host read, even when the tensors live on several devices
+        counts = torch.stack([torch.stack([self._hits[p], self._caps[p]]).to(home) for p in params]).tolist()
+        layers, hit_total, entries = {}, 0, 0
+        for p, (hits, caps) in zip(params, counts):
+            seen = self._steps[p] * p.numel()
+            layers[names.get(p, str(len(layers)))] = {"clamped_fraction": hits / seen, "capped": caps}
+            hit_total, entries = hit_total + hits, entries + seen
+        out = {"clamped_fraction": hit_total / entries, "clamped": hit_total, "entries": entries,
+               "capped": sum(c for _, c in counts),
+               "steps": max(self._steps.values()), "layers": layers}
+        if reset:
+            self._hits, self._caps, self._steps = {}, {}, {}
+        return out
 
 
 def ham(
@@ -161,7 +217,7 @@ def ham(
     max_norm: float | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
-) -> None:
+) -> tuple[list[Tensor], list[Tensor]]:
     r"""Functional mirror step, in place: ``p *= exp(clamp(-lr*(alpha*sign(s)*g + beta), -c, c))``.
 
     Args:
@@ -170,6 +226,10 @@ def ham(
         signs: the tensors whose sign is used (``None``: ``params`` themselves, HYP*).
         lr, alpha, beta, clamp, max_norm: see :class:`HAM`.
         foreach, fused: implementation choice; the default is foreach.
+
+    Returns:
+        Per tensor, on its device: the number of entries whose exponent reached the clamp, and
+        (with ``max_norm``) whether the norm cap rescaled the tensor; ``[]`` without ``max_norm``.
     """
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
@@ -177,51 +237,7 @@ def ham(
         signs = params
     hyper = {"lr": lr, "alpha": alpha, "beta": beta, "clamp": clamp, "max_norm": max_norm}
     if fused:
-        from ._fused import fused_ham
-
-        fused_ham(params, grads, signs, **hyper)
-    elif foreach is False:
-        _single_tensor_ham(params, grads, signs, **hyper)
-    else:
-        _multi_tensor_ham(params, grads, signs, **hyper)
-
-
-def _single_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm) -> None:
-    for p, g, s in zip(params, grads, signs):
-        e = torch.sign(s).mul_(g).mul_(-lr * alpha)
-        if beta != 0:
-            e.sub_(lr * beta)
-        # NaN (from a NaN gradient, or 0 * inf) means "no information": factor 1.
-        e.nan_to_num_(nan=0.0).clamp_(-clamp, clamp)
-        p.mul_(e.exp_())
-        if max_norm is not None:
-            cap_norms_([p], max_norm)
-
-
-def _multi_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm) -> None:
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, signs])
-    for (dev_params, dev_grads, dev_signs), _ in grouped.values():
-        e = torch._foreach_sign(dev_signs)
-        torch._foreach_mul_(e, dev_grads)
-        torch._foreach_mul_(e, -lr * alpha)
-        if beta != 0:
-            torch._foreach_add_(e, -lr * beta)
-        for t in e:  # there is no foreach nan_to_num; one fused clamp per tensor in the same loop
-            t.nan_to_num_(nan=0.0).clamp_(-clamp, clamp)
-        torch._foreach_exp_(e)
-        torch._foreach_mul_(dev_params, e)
-        if max_norm is not None:
-            cap_norms_(dev_params, max_norm)
-
-
-def cap_norms_(tensors: list[Tensor], max_norm: float) -> None:
-    """Rescale, in place and on the device, every tensor whose L2 norm exceeds ``max_norm``."""
-    norms = torch.stack(torch._foreach_norm(tensors))
-    # Squares overflow float32 once entries pass ~1.8e19 and the norm becomes inf; max|t| * sqrt(n)
-    # bounds the norm and still caps then (a float64 norm would do too, at ~7x the cost on CPU).
-    peaks = torch.stack([torch.maximum(-lo, hi) * math.sqrt(t.numel()) for t in tensors for lo, hi in
-                         [torch.aminmax(t)]])
-    bound = torch.where(torch.isfinite(norms), norms, peaks)
-    # A NaN or inf entry makes the bound non-finite: leave that tensor alone rather than spread it.
-    scale = torch.where(torch.isfinite(bound), torch.clamp(max_norm / bound, max=1.0), 1.0)
-    torch._foreach_mul_(tensors, list(scale.to(tensors[0].dtype).unbind()))
+        return _fused_ham(params, grads, signs, **hyper)
+    if foreach is False:
+        return _single_tensor_ham(params, grads, signs, **hyper)
+    return _multi_tensor_ham(params, grads, signs, **hyper)

@@ -2,7 +2,7 @@
 
 A sparsification method fills stages of the fixed per-step pipeline in
 :class:`sparseham.MaskManager` through a few small hooks; it never reorders them.
-Plug-ins live in the top-level ``methods`` package and register here with
+Plug-ins live in ``sparseham.methods`` (``methods/`` in the repository) and register here with
 ``@methods.register("name")``; the core looks them up by name and never imports them.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,7 +46,13 @@ def register(name: str):
     def wrap(cls: type[Method]) -> type[Method]:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise TypeError(f"@register({name!r}) expects a Method subclass, got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
+        known = _REGISTRY.get(name)
+        if known is not None and _same_definition(known, cls):
+            # The same class statement run again (a module imported twice, e.g. under two names,
+            # or reloaded): keep one registration.
+            cls.name = name
+            return known
+        if known is not None:
             warnings.warn(f"method {name!r} was registered twice; the later class wins", stacklevel=2)
         cls.name = name
         _REGISTRY[name] = cls
@@ -54,10 +61,21 @@ def register(name: str):
     return wrap
 
 
+def _same_definition(a: type, b: type) -> bool:
+    """Whether ``a`` and ``b`` come from the same ``class`` statement of the same source file."""
+    if a is b:
+        return True
+    try:
+        same_file = inspect.getsourcefile(a) == inspect.getsourcefile(b)
+    except TypeError:  # a class defined interactively has no file
+        same_file = False
+    return same_file and a.__qualname__ == b.__qualname__
+
+
 def get(name: str) -> type[Method]:
     """Return the method class registered under ``name``."""
     if name not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY)) or "none (import methods to register the built-ins)"
+        known = ", ".join(sorted(_REGISTRY)) or "none (import sparseham.methods to register the built-ins)"
         raise KeyError(f"unknown method {name!r}{suggest(name, list(_REGISTRY))}; known: {known}")
     return _REGISTRY[name]
 

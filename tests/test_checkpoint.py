@@ -1,4 +1,4 @@
-"""sparseham.checkpoint: atomic writes, checksums, falling back past damaged files, keep-K, errors."""
+"""sparseham.train.checkpoint: atomic writes, checksums, falling back past damaged files, keep-K, errors."""
 
 import errno
 import os
@@ -11,8 +11,13 @@ import zipfile
 import pytest
 import torch
 
-from sparseham import checkpoint as ckpt
-from sparseham.checkpoint import CheckpointError, latest_good_checkpoint, load_checkpoint, save_checkpoint
+from sparseham.train import checkpoint as ckpt
+from sparseham.train.checkpoint import (
+    CheckpointError,
+    latest_good_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def state(step: int) -> dict:

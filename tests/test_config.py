@@ -9,11 +9,11 @@ from dataclasses import field
 from typing import Literal
 
 import pytest
+import sparseham.methods  # noqa: F401  (registers the built-in methods)
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import methods  # noqa: F401  (registers the built-in methods before the registry is snapshot)
 import sparseham.method as method_registry
 from sparseham.config import (
     Config,
@@ -26,7 +26,7 @@ from sparseham.config import (
     method_options,
     parse_override,
 )
-from sparseham.config_schema import HamConfig, OptimConfig, SparsityConfig
+from sparseham.config.schema import HamConfig, OptimConfig, SparsityConfig
 from sparseham.method import Method, register
 
 

@@ -1,4 +1,4 @@
-"""Tests for sparseham.data and sparseham.data_loaders: order, resume, DDP, splits, datasets."""
+"""Tests for sparseham.data and sparseham.data.loaders: order, resume, DDP, splits, datasets."""
 
 import dataclasses
 import pickle
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sparseham.data import DATASETS, DataError, build_data, split_indices
-from sparseham.data_files import find_fashion_mnist
-from sparseham.data_loaders import TensorLoader, random_crop_flip
+from sparseham.data.files import find_fashion_mnist
+from sparseham.data.loaders import TensorLoader, random_crop_flip
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for sparseham.data_files: idx and pickle parsing, validation and error messages."""
+"""Tests for sparseham.data.files: idx and pickle parsing, validation and error messages."""
 
 import gzip
 import io
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from sparseham import data_files
 from sparseham.data import DataError, build_data
-from sparseham.data_files import find_fashion_mnist, load_mnist, read_idx, restricted_load
+from sparseham.data import files as data_files
+from sparseham.data.files import find_fashion_mnist, load_mnist, read_idx, restricted_load
 
 
 def _write_idx(path, array, magic=None):
@@ -112,8 +112,7 @@ def test_corrupt_system_file_says_reinstall(tmp_path, monkeypatch):
     ("dataset", "match"),
     [
         ("fashion_mnist", r"Fashion-MNIST not found .*apt-get install dataset-fashion-mnist"),
-        ("mnist", r"MNIST not found at .*mnist\.npz; run 'make data' or 'python -m "
-                  r"sparseham\.fetch mnist --root "),
+        ("mnist", r"MNIST not found at .*mnist\.npz; run 'sparseham fetch mnist --root "),
         ("cifar10", r"cifar10 not found: .*data_batch_1 is missing; set data\.download: true"),
         ("cifar100", r"cifar100 not found: .*cifar-100-python/train is missing; .*extract "
                      r"cifar-100-python\.tar\.gz"),
@@ -179,5 +178,5 @@ def test_malformed_mnist_cache_raises_data_error(tmp_path):
                                                   "labels, expected uint8 (N, 28, 28)")):
         load_mnist(tmp_path)
     path.write_bytes(b"PK\x03\x04 not a zip")
-    with pytest.raises(DataError, match=r"mnist\.npz: unreadable .*delete it and run 'make data'"):
+    with pytest.raises(DataError, match=r"mnist\.npz: unreadable .*delete it and run 'sparseham fetch "):
         load_mnist(tmp_path)

@@ -7,16 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import sparseham.methods  # noqa: F401  (registers the built-in methods)
 import yaml
 from PIL import Image
+from sparseham.analysis import report
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from test_report import PNG_SIGNATURE, _images, _table
 
-import methods  # noqa: F401
-from analysis import report
 from sparseham.config import load_config
-from sparseham.trainer import run
+from sparseham.train.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["data.dataset=synthetic", "model.name=lenet300", "data.batch_size=64", "train.max_steps=48",
@@ -86,7 +86,7 @@ def test_sweep_runs_real_training_and_skips_finished(tmp_path):
             "set": {**sets, "train.max_steps": 8, "logging.tensorboard": False},
             "grid": {"ham.enabled": [False, True]}}
     sweep.write_text(yaml.safe_dump(spec))
-    cmd = [sys.executable, "-m", "analysis.sweep", str(sweep)]
+    cmd = [sys.executable, "-m", "sparseham", "sweep", str(sweep)]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     finals = sorted((tmp_path / "out").glob("*/final.json"))

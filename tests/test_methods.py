@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-import methods
-from sparseham import HAM, MaskManager, SignFlipTracker
+from sparseham import HAM, MaskManager, SignFlipTracker, methods
 from sparseham.schedules import acdc_phases, cosine_drop_fraction, phase_at
 
 TOTAL = 40

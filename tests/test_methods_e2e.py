@@ -3,11 +3,11 @@
 import json
 
 import pytest
+import sparseham.methods  # noqa: F401  (registers the built-in methods)
 
-import methods  # noqa: F401
 from sparseham.config import load_config
 from sparseham.distributions import layer_counts
-from sparseham.trainer import run
+from sparseham.train.trainer import run
 
 CONFIGS = ["dense", "random_pai", "snip", "grasp", "synflow", "rigl", "set", "acdc", "str"]
 SETS = ["data.dataset=synthetic", "model.name=lenet5", "data.batch_size=64", "train.max_steps=40",

@@ -9,7 +9,6 @@ subprocesses where the exit status, a clean stderr or a real kill matter.
 import contextlib
 import copy
 import errno
-import importlib.util
 import json
 import math
 import os
@@ -27,24 +26,22 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import sparseham.methods  # noqa: F401  (registers the built-in methods)
 import torch
 from test_checkpoint import flip_payload_byte
 from torch import nn
 
-import methods  # noqa: F401  (registers the built-in methods)
-import sparseham.trainer as trainer_module
+import sparseham.train.trainer as trainer_module
 from sparseham import HAM
-from sparseham.checkpoint import load_checkpoint
+from sparseham.cli import train_main
 from sparseham.config import load_config
 from sparseham.masks import MaskInvariantError, MaskManager
-from sparseham.run_dir import check_final_sparsity, prepare_run_dir, write_atomic
-from sparseham.trainer import Trainer, TrainingStopped
+from sparseham.train.checkpoint import load_checkpoint
+from sparseham.train.run_dir import check_final_sparsity, prepare_run_dir, write_atomic
+from sparseham.train.trainer import Trainer, TrainingStopped
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/default.yaml"
-_spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-train_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_cli)
 
 # In-process runs: 16 steps an epoch, 12 steps, logs every 4.
 FAST = [
@@ -94,8 +91,8 @@ def one_line_error(err: str) -> str:
 
 
 def main(capsys, *argv):
-    """``train.py`` in this process: the exit status and the captured stdout and stderr."""
-    code = train_cli.main([str(a) for a in argv])
+    """``sparseham train`` in this process: the exit status and the captured stdout and stderr."""
+    code = train_main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -205,8 +202,8 @@ def test_missing_dataset_is_one_line_with_status_2(tmp_path, capsys):
     code, _, err = main(capsys, "--config", CONFIG, "--out", tmp_path / "run", *sets_argv(sets))
     assert code == 2
     assert one_line_error(err) == (
-        f"MNIST not found at {tmp_path / 'empty' / 'mnist' / 'mnist.npz'}; run 'make data' "
-        f"or 'python -m sparseham.fetch mnist --root {tmp_path / 'empty'}'"
+        f"MNIST not found at {tmp_path / 'empty' / 'mnist' / 'mnist.npz'}; "
+        f"run 'sparseham fetch mnist --root {tmp_path / 'empty'}'"
     )
 
 
@@ -248,7 +245,7 @@ def fashion_files(root, damage):
 )
 def test_damaged_idx_files_are_one_line_with_status_2(tmp_path, capsys, monkeypatch, damage, expected):
     # The Debian package's folder is searched first and is installed here: point it elsewhere.
-    monkeypatch.setattr("sparseham.data_files.FASHION_SYSTEM_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setattr("sparseham.data.files.FASHION_SYSTEM_DIR", tmp_path / "no-debian-package")
     images, labels = fashion_files(tmp_path / "data", damage)
     sets = [*FAST, "data.dataset=fashion_mnist", f"data.root={tmp_path / 'data'}"]
     code, _, err = main(capsys, "--config", CONFIG, "--out", tmp_path / "run", *sets_argv(sets))
@@ -256,7 +253,7 @@ def test_damaged_idx_files_are_one_line_with_status_2(tmp_path, capsys, monkeypa
     assert code == 2 and message.startswith(expected.format(images=images, labels=labels)), message
     if damage != "bad label":
         assert message.endswith(
-            "delete it and fetch again: python -m sparseham.fetch fashion_mnist --root ROOT"
+            "delete it and fetch again: sparseham fetch fashion_mnist --root ROOT"
         )
 
 

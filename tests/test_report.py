@@ -18,8 +18,7 @@ import _rundirs
 import numpy as np
 import pytest
 from PIL import Image
-
-from analysis import plots, report, runs
+from sparseham.analysis import plots, report, runs
 
 __all__: list[str] = []
 
@@ -209,7 +208,7 @@ def test_missing_or_empty_signflips_exits_2(tmp_path, capsys):
     (path / "signflips.jsonl").write_text("")
     assert report.main([str(path), "--out", str(tmp_path / "o")]) == 2
     _one_line_error(capsys)
-    proc = subprocess.run([sys.executable, "-m", "analysis.report", str(path), "--out",
+    proc = subprocess.run([sys.executable, "-m", "sparseham", "report", str(path), "--out",
                            str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1

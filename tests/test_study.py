@@ -3,8 +3,7 @@
 import json
 
 from _rundirs import write_run
-
-from analysis import study
+from sparseham.analysis import study
 
 
 def _run(root, name, *, method="rigl", ham=False, alpha=200.0, beta=1e-3, val=0.8, test=0.85, seed=0,

@@ -12,9 +12,8 @@ from pathlib import Path
 import _rundirs
 import pytest
 import yaml
-
-from analysis import runs, sweep
-from analysis.sweep import SweepError
+from sparseham.analysis import runs, sweep
+from sparseham.analysis.sweep import SweepError
 
 __all__: list[str] = []
 
@@ -63,7 +62,7 @@ def test_grid_expansion_and_names(tmp_path):
     assert cell.log == tmp_path / "out" / "logs" / "method=rigl_enabled=true_seed=2.log"
     assert cell.config == tmp_path / "configs" / "default.yaml"
     assert sweep.train_command(cell) == [
-        sys.executable, "train.py", "--config", str(cell.config),
+        sys.executable, "-m", "sparseham", "train", "--config", str(cell.config),
         "--set", "train.max_steps=200", "--set", "sparsity.method=rigl",
         "--set", "ham.enabled=true", "--set", "experiment.seed=2", "--out", str(cell.run_dir)]
 
@@ -120,10 +119,10 @@ def test_bad_sweep_file(tmp_path, capsys, text, message):
 def test_bad_sweep_file_cli_has_no_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("config: x.yaml\nout: o\n")
-    proc = subprocess.run([sys.executable, "-m", "analysis.sweep", str(path), "--dry-run"],
+    proc = subprocess.run([sys.executable, "-m", "sparseham", "sweep", str(path), "--dry-run"],
                           cwd=TESTS.parent, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"analysis.sweep: {path}: missing key 'grid' (required: " \
+    assert proc.stderr.strip() == f"sparseham sweep: {path}: missing key 'grid' (required: " \
                                   "config, out, grid)"
 
 
@@ -141,7 +140,7 @@ def test_finished_cells_are_skipped(tmp_path, capsys):
     assert sweep.main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "12 cells, 1 to run, 11 skipped" in out
-    assert f"--out {cells[4].run_dir}" in out and "train.py" in out
+    assert f"--out {cells[4].run_dir}" in out and "-m sparseham train" in out
     assert out.count("--out") == 1
 
 

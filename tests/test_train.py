@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from sparseham.checkpoint import load_checkpoint
+from sparseham.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH = ["data.dataset=synthetic", "model.name=lenet300", "data.batch_size=64", "logging.log_every=10",

@@ -13,9 +13,8 @@ from typing import Any
 
 import yaml
 
-from .config import Config, config_to_dict
-from .config_types import ConfigError
-from .masks import MaskInvariantError
+from sparseham.config import Config, ConfigError, config_to_dict
+from sparseham.masks import MaskInvariantError
 
 __all__ = ["prepare_run_dir", "final_summary", "check_final_sparsity", "write_atomic", "RunDirError"]
 
@@ -150,6 +149,8 @@ def final_summary(trainer, results: dict[str, tuple[float, float]]) -> dict[str,
             "alpha": cfg.ham.alpha,
             "beta": cfg.ham.beta,
             "sign": cfg.ham.sign,
+            "clamp": cfg.ham.clamp,
+            **trainer.logger.health.summary(),
         },
         "lr": cfg.optim.lr,
         "optimizer": cfg.optim.name,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from sparseham.data_files import DataError
+from sparseham.data.files import DataError
 
 __all__ = ["BatchLoader", "FolderLoader", "TensorLoader", "derive_seed", "random_crop_flip"]
 

@@ -8,7 +8,9 @@ sign-flip counters, the mask events and the manager's invariant check, and write
 - ``signflips.jsonl``: per layer, masked and unmasked flips during the interval;
 - TensorBoard scalars, a custom-scalars layout (masked and unmasked flips of a layer on one
   chart), weight histograms and, at the end, an HParams entry;
-- one progress line with ETA, loss, accuracy, sparsity and flips.
+- one progress line with ETA, loss, accuracy, sparsity and flips;
+- HAM's diagnostics (``ham/clamped_fraction``, ``ham/capped``) and, once per run, a warning
+  line when training goes bad (:mod:`sparseham.train.health`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from sparseham.train.health import TrainingHealth
 
 __all__ = ["RunLogger", "JsonlWriter", "truncate_jsonl"]
 
@@ -75,6 +79,9 @@ class RunLogger:
         self._seen = 0
         self.last_step, self.last_flips = start_step, None
         self.wall_offset, self.t0, self.start_step = 0.0, time.perf_counter(), start_step
+        names = {p: n for n, p in manager.model.named_parameters()}
+        self.health = TrainingHealth(manager.optimizer, names, alpha_lr=cfg.ham.alpha * cfg.optim.lr,
+                                     clamp=cfg.ham.clamp, max_norm=cfg.ham.max_norm)
         if not enabled:
             return
         for name in ("metrics.jsonl", "signflips.jsonl"):
@@ -118,12 +125,24 @@ class RunLogger:
         self._seen = 0
         if not self.enabled:
             return rec
+        self._health(step, rec)
         self.metrics.write(rec)
         self._masks(step)
         flips = self._signflips(step)
         self._scalars(step, rec, sparsity)
         self._progress(step, rec, flips)
         return rec
+
+    def _health(self, step: int, rec: dict[str, Any]) -> None:
+        diag, warning = self.health.update(rec["loss"])
+        if diag is not None:
+            rec["ham"] = {"clamped_fraction": diag["clamped_fraction"], "capped": diag["capped"]}
+            if self.tb:
+                self.tb.add_scalar("ham/clamped_fraction", diag["clamped_fraction"], step)
+                self.tb.add_scalar("ham/capped", diag["capped"], step)
+        if warning:
+            print(f"warning: {warning}", flush=True)
+            self.metrics.write({"event": "warning", "step": step, "message": warning})
 
     def _masks(self, step: int) -> None:
         events, self.manager.mask_events[:] = list(self.manager.mask_events), []
@@ -286,6 +305,7 @@ class RunLogger:
             "last_step": self.last_step,
             "last_flips": self.last_flips,
             "wall": self.wall_time(),
+            "health": self.health.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -293,3 +313,4 @@ class RunLogger:
         self._correct.copy_(state["correct"])
         self._seen, self.last_step, self.last_flips = state["seen"], state["last_step"], state["last_flips"]
         self.wall_offset = state["wall"]
+        self.health.load_state_dict(state.get("health", {}))

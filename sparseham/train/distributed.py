@@ -1,6 +1,7 @@
 """Multi-process training with torchrun: process-group set-up and the rank-0 rule.
 
-``torchrun --nproc_per_node=N train.py ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; this
+``torchrun --nproc_per_node=N train.py ...`` (or ``-m sparseham train ...``) sets ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``; this
 module joins the group (gloo on CPU, nccl on CUDA) and wraps the model in
 ``DistributedDataParallel``. Only rank 0 writes the run directory.
 """
@@ -96,7 +97,7 @@ def broadcast_masks_(manager, d: Dist) -> None:
 
 def check_ranks_agree(d: Dist, manager, optimizer) -> list[str]:
     """Every rank's digest of masks, weights, optimizer and tracker state; raises if they differ."""
-    from .masks import MaskInvariantError
+    from sparseham.masks import MaskInvariantError
 
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     tracker = manager.tracker.codes if manager.tracker is not None else []

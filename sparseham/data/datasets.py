@@ -3,7 +3,7 @@
 MNIST, Fashion-MNIST, CIFAR and the synthetic task are held in memory as tensors; ImageNet
 is read from image folders by a torch ``DataLoader``. Every loader yields float32 NCHW
 images, already normalized with the dataset's standard per-channel mean and std, and int64
-labels, on the CPU. See :class:`~sparseham.data_loaders.BatchLoader` for the order, the
+labels, on the CPU. See :class:`~sparseham.data.loaders.BatchLoader` for the order, the
 resume and the sharding contract.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torchvision import datasets, transforms
 
-from sparseham.data_files import Arrays, DataError, load_cifar, load_fashion_mnist, load_mnist
-from sparseham.data_loaders import BatchLoader, FolderLoader, TensorLoader
-from sparseham.fetch import fetch_cifar, fetch_fashion_mnist, fetch_mnist
+from sparseham.data.files import Arrays, DataError, load_cifar, load_fashion_mnist, load_mnist
+from sparseham.data.loaders import BatchLoader, FolderLoader, TensorLoader
+from sparseham.data.fetch import fetch_cifar, fetch_fashion_mnist, fetch_mnist
 
 __all__ = [
     "DATASETS", "DATA_SEED", "NORMALIZATION", "SYNTHETIC_DEFAULTS", "BatchLoader", "Data",

@@ -1,6 +1,6 @@
 """YAML configs: load, merge ``base:`` chains, apply ``--set`` overrides, validate, dump.
 
-The sections are typed dataclasses (:mod:`sparseham.config_schema`) that validate themselves on
+The sections are typed dataclasses (:mod:`sparseham.config.schema`) that validate themselves on
 construction. This module parses text into plain mappings, remembers which file or ``--set``
 wrote each key, and turns every problem into a one-line :class:`ConfigError` that names that
 source, the dotted key, the value and what is allowed::
@@ -19,13 +19,15 @@ from typing import Any
 
 import yaml
 
-from . import method as _method
-from .config_schema import Config, SparsityConfig, help_text
-from .config_types import ConfigError, FieldError, Section, coerce_field, hints, show
+import sparseham.methods  # noqa: F401  (registers the built-in methods, whose sections the schema knows)
+from sparseham import method as _method
+from sparseham.config.fields import ConfigError, FieldError, Section, coerce_field, hints, show
+from sparseham.config.schema import Config, SparsityConfig, help_text
+from sparseham.config.shipped import resolve_config, shipped_configs
 
 __all__ = [
     "ConfigError", "Config", "load_config", "config_from_dict", "parse_override",
-    "config_to_dict", "dump_config", "method_options", "help_text",
+    "config_to_dict", "dump_config", "method_options", "help_text", "shipped_configs",
 ]
 
 _SET = "--set"
@@ -105,7 +107,8 @@ def _load_file(path: Path, chain: tuple[tuple[Path, str], ...], origins: _Origin
         raise ConfigError(f"{chain[0][1]}: base chain has a cycle: {' -> '.join(names)}")
     if not path.is_file():
         if not chain:
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path} (nor a shipped config of that name; "
+                              "`sparseham configs` lists them)")
         raise ConfigError(f"{chain[-1][1]}: base file not found: {path} "
                           f"(chain: {' -> '.join(names)})")
     data = _read_yaml(path)
@@ -234,8 +237,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     """Load a YAML config file, its ``base:`` chain and ``--set`` overrides.
 
     Args:
-        path: the YAML file. ``base: other.yaml`` at its top level (relative to the file)
-            starts from that file; mappings merge deeply, this file wins and lists are replaced.
+        path: the YAML file, or the name of a shipped config (``rigl_ham``; see
+            :func:`shipped_configs`). ``base: other.yaml`` at its top level (relative to the
+            file) starts from that file; mappings merge deeply, this file wins and lists are
+            replaced.
         overrides: ``"key=value"`` strings (see :func:`parse_override`), applied in order.
 
     Returns:
@@ -244,7 +249,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     Raises:
         ConfigError: one line naming the file or ``--set``, the key, the value and the fix.
     """
-    path = Path(path)
+    path = resolve_config(path)
     origins = _Origins(str(path))
     return _resolve(_load_file(path, (), origins), origins, overrides)
 

@@ -7,12 +7,12 @@ import math
 import torch
 from torch import nn
 
-from . import method as method_registry
-from .config import Config, config_to_dict, method_options
-from .data import Data, build_data
-from .ham import HAM
-from .models import build_model
-from .tracking import SignFlipTracker
+from sparseham import method as method_registry
+from sparseham.config import Config, config_to_dict, method_options
+from sparseham.data import Data, build_data
+from sparseham.ham import HAM
+from sparseham.models import build_model
+from sparseham.tracking import SignFlipTracker
 
 __all__ = [
     "build_data_and_model",

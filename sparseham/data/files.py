@@ -119,7 +119,7 @@ def restricted_load(file: BinaryIO) -> object:
 def _refetch_hint(path: Path) -> str:
     if path.is_relative_to(FASHION_SYSTEM_DIR):
         return "reinstall with 'apt-get install --reinstall dataset-fashion-mnist'"
-    return "delete it and fetch again: python -m sparseham.fetch fashion_mnist --root ROOT"
+    return "delete it and fetch again: sparseham fetch fashion_mnist --root ROOT"
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -218,13 +218,13 @@ def load_fashion_mnist(root: str | Path) -> Arrays:
 
 
 def load_mnist(root: str | Path) -> Arrays:
-    """Loads MNIST from the ``root/mnist/mnist.npz`` cache that :mod:`sparseham.fetch` writes.
+    """Loads MNIST from the ``root/mnist/mnist.npz`` cache that :mod:`sparseham.data.fetch` writes.
 
     Raises:
         DataError: The cache is missing or malformed.
     """
     path = Path(root) / "mnist" / "mnist.npz"
-    fix = f"run 'make data' or 'python -m sparseham.fetch mnist --root {root}'"
+    fix = f"run 'sparseham fetch mnist --root {root}'"
     if not path.is_file():
         raise DataError(f"MNIST not found at {path}; {fix}")
     try:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torchvision
 from torch import nn
 
-from sparseham.models_cifar import ResNet, WideResNet, init_weights
+from sparseham.models.cifar import ResNet, WideResNet, init_weights
 
 __all__ = ["MODELS", "VGG16_LAYERS", "build_model", "lenet5", "lenet300", "vgg16"]
 

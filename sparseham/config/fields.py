@@ -2,7 +2,7 @@
 
 A :class:`Section` converts every field to its annotation on construction (see
 :func:`coerce_field`) and checks the range kept in the field's metadata (``gt``, ``ge``, ``lt``); the sections
-themselves are in :mod:`sparseham.config_schema`.
+themselves are in :mod:`sparseham.config.schema`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING
 from typing import Any, Literal
 
-from . import method as _method
+from sparseham import method as _method
 
 __all__ = [
     "ConfigError", "FieldError", "Section", "coerce_field", "describe", "field", "hints",
