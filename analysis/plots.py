@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+
 from sparseham.analysis.runs import FlipSeries, Run, flip_series
 
 __all__ = ["compare_figure", "rate", "run_figures", "top_layers"]

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
 from sparseham.analysis.plots import compare_figure, run_figures
 from sparseham.analysis.runs import (
     Run,

@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
+
 from sparseham.analysis.runs import RunError, load_run, mean_std  # noqa: E402
 
 __all__ = ["method_key", "select", "table", "main"]

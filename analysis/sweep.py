@@ -27,7 +27,6 @@ Exit status: 0; 1 when a run failed; 2 for a bad sweep file (one line on stderr)
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import re
@@ -40,17 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from sparseham.analysis import runs
 
+from sparseham.analysis import cells, results, runs
+from sparseham.config import ConfigError, config_to_dict, load_config
 from sparseham.config.shipped import resolve_config
 
 __all__ = [
-    "Cell", "Sweep", "SweepError", "aggregate", "cell_names", "expand", "load_sweep",
+    "Cell", "Sweep", "SweepError", "cell_names", "expand", "load_sweep",
     "main", "plan", "run_sweep", "train_command",
 ]
 
-RESULT_COLUMNS = [("test_acc", 4), ("val_acc", 4), ("sparsity", 4), ("total_flips", 0),
-                  ("ever_flipped_frac", 4), ("wall_time_s", 1)]
 
 
 class SweepError(ValueError):
@@ -170,7 +168,7 @@ def cell_names(cells: Sequence[dict]) -> list[str]:
 
 def train_command(cell: Cell) -> list[str]:
     """The default command of a cell: ``python -m sparseham train --config ... --set ... --out ...``."""
-    sets = [a for k, v in cell.overrides.items() for a in ("--set", f"{k}={runs.value_text(v)}")]
+    sets = [a for s in _sets(cell) for a in ("--set", s)]
     return [sys.executable, "-m", "sparseham", "train", "--config", str(cell.config), *sets, "--out",
             str(cell.run_dir)]
 
@@ -194,21 +192,29 @@ def _run_cell(cell: Cell, argv: list[str]) -> int:
             return 127
 
 
-def _run_all(cells: list[Cell], command: Callable[[Cell], list[str]], jobs: int) -> list[str]:
-    """Runs ``cells`` ``jobs`` at a time; returns a line per failed run."""
+def _run_all(todo: list[Cell], command: Callable[[Cell], list[str]], jobs: int,
+             on_done: Callable[[Cell], None] = lambda cell: None) -> list[str]:
+    """Runs ``todo`` ``jobs`` at a time, calling ``on_done`` after each success; returns a line
+    per failed run."""
     failed = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_run_cell, cell, command(cell)): cell for cell in cells}
+        futures = {pool.submit(_run_cell, cell, command(cell)): cell for cell in todo}
         for count, future in enumerate(as_completed(futures), 1):
             cell, code = futures[future], future.result()
             status = "ok" if code == 0 else f"FAILED with exit code {code}, log: {cell.log}"
-            print(f"[{count}/{len(cells)}] {cell.name}: {status}", flush=True)
+            print(f"[{count}/{len(todo)}] {cell.name}: {status}", flush=True)
             failed += [f"{cell.name}: {status}"] if code else []
+            if code == 0:
+                on_done(cell)
     return failed
 
 
+def _sets(cell: Cell) -> list[str]:
+    return [f"{k}={runs.value_text(v)}" for k, v in cell.overrides.items()]
+
+
 def run_sweep(path: Path | str, jobs: int = 1, dry_run: bool = False,
-              command: Callable[[Cell], list[str]] | None = None) -> int:
+              command: Callable[[Cell], list[str]] | None = None, csv_path: Path | None = None) -> int:
     """Runs the unfinished cells of a sweep, then writes the results tables.
 
     Args:
@@ -216,6 +222,7 @@ def run_sweep(path: Path | str, jobs: int = 1, dry_run: bool = False,
         jobs: runs at a time.
         dry_run: only print what would run.
         command: builds a cell's argv, run in the current directory (default train_command).
+        csv_path: a cells CSV: cells it holds are skipped, finished cells are appended to it.
 
     Returns:
         0, or 1 when a run failed.
@@ -227,57 +234,28 @@ def run_sweep(path: Path | str, jobs: int = 1, dry_run: bool = False,
         raise SweepError(f"--jobs must be at least 1, got {jobs}")
     sweep, command = load_sweep(path), command or train_command
     todo, skipped = plan(sweep)
-    print(f"{sweep.path}: {len(sweep.cells)} cells, {len(todo)} to run, "
-          f"{len(skipped)} skipped (final.json exists)")
+    ledger = None
+    if csv_path:
+        configs = {c.name: config_to_dict(load_config(c.config, _sets(c))) for c in sweep.cells}
+        ledger = cells.Ledger(Path(csv_path), configs)
+    if ledger is not None:
+        for cell in skipped:  # finished here before, but not yet in the CSV
+            if not ledger.holds(cell.name) and not dry_run:
+                ledger.record(cell.name, cell.run_dir)
+        skipped += [c for c in todo if ledger.holds(c.name)]
+        todo = [c for c in todo if not ledger.holds(c.name)]
+    where = f"final.json exists{' or in ' + str(csv_path) if csv_path else ''}"
+    print(f"{sweep.path}: {len(sweep.cells)} cells, {len(todo)} to run, {len(skipped)} skipped ({where})")
     if dry_run:
         print("\n".join(shlex.join(command(cell)) for cell in todo))
         return 0
-    failed = _run_all(todo, command, jobs)
+    on_done = (lambda cell: ledger.record(cell.name, cell.run_dir)) if ledger else (lambda cell: None)
+    failed = _run_all(todo, command, jobs, on_done)
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
-    md, table = aggregate(sweep.out)
+    md, table = results.aggregate(sweep.out)
     print(f"results: {md} and {table}")
     return 1 if failed else 0
-
-
-def _write_tables(out_root: Path, names: list[str], groups: list[list[dict]]) -> tuple[Path, Path]:
-    has_val = any(s.get("val_acc") is not None for g in groups for s in g)
-    columns = [c for c in RESULT_COLUMNS if c[0] != "val_acc" or has_val]
-    md = ["| cell | n | " + " | ".join(f"{key} (mean ± std)" for key, _ in columns) + " |",
-          "|---|---|" + "---|" * len(columns)]
-    rows = [["cell", "n", "runs"] + [f"{key}_{s}" for key, _ in columns for s in ("mean", "std")]]
-    for name, stats in sorted(zip(names, groups), key=lambda item: item[0]):
-        cells = [runs.fmt_stat([s.get(key) for s in stats], digits) for key, digits in columns]
-        md.append(f"| {name} | {len(stats)} | " + " | ".join(cells) + " |")
-        moments = [runs.mean_std(s.get(key) for s in stats)[:2] for key, _ in columns]
-        rows.append([name, len(stats), " ".join(s["run"] for s in stats)]
-                    + ["" if v != v else repr(v) for pair in moments for v in pair])
-    out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "results.md").write_text("\n".join(md) + "\n")
-    with (out_root / "results.csv").open("w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    return out_root / "results.md", out_root / "results.csv"
-
-
-def aggregate(out_root: Path | str) -> tuple[Path, Path]:
-    """Writes ``results.md`` and ``results.csv`` for the runs under ``out_root`` that have a
-    final.json; runs whose configs differ only by seed (or name, out_dir) share a row.
-
-    Returns:
-        The paths of results.md and results.csv.
-    """
-    out_root = Path(out_root)
-    found = []
-    for final in sorted(out_root.glob("*/final.json")):
-        try:
-            found.append(runs.load_run(final.parent, require_flips=False))
-        except runs.RunError as err:
-            print(f"skipped: {err}", file=sys.stderr)
-    groups = runs.group_by_seed([run.config for run in found])
-    single = found[0].path.name if len(found) == 1 else "all seeds"
-    names = runs.group_labels([found[g[0]].config for g in groups], single)
-    stats = [[{**runs.summary(found[j]), "run": found[j].path.name} for j in g] for g in groups]
-    return _write_tables(out_root, names, stats)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -287,10 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("sweep", help="the sweep file or a shipped sweep's name (format: module docstring)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--csv", type=Path, help="a committed cells CSV: skip the cells it holds, "
+                        "append a row per finished cell")
     args = parser.parse_args(argv)
     try:
-        return run_sweep(args.sweep, jobs=args.jobs, dry_run=args.dry_run)
-    except SweepError as err:
+        return run_sweep(args.sweep, jobs=args.jobs, dry_run=args.dry_run, csv_path=args.csv)
+    except (SweepError, ConfigError) as err:
         print(f"sparseham sweep: {err}", file=sys.stderr)
         return 2
 

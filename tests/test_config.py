@@ -9,12 +9,12 @@ from dataclasses import field
 from typing import Literal
 
 import pytest
-import sparseham.methods  # noqa: F401  (registers the built-in methods)
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparseham.method as method_registry
+import sparseham.methods  # noqa: F401  (registers the built-in methods)
 from sparseham.config import (
     Config,
     ConfigError,

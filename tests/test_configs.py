@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
+
 import sparseham.methods  # noqa: F401  (registers the built-in methods)
 from sparseham.analysis.sweep import load_sweep
-
 from sparseham.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

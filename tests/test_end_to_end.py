@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import sparseham.methods  # noqa: F401  (registers the built-in methods)
 import yaml
 from PIL import Image
-from sparseham.analysis import report
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from test_report import PNG_SIGNATURE, _images, _table
 
+import sparseham.methods  # noqa: F401  (registers the built-in methods)
+from sparseham.analysis import report
 from sparseham.config import load_config
 from sparseham.train.trainer import run
 

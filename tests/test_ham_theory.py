@@ -15,6 +15,9 @@ ratio 0.251 per halving of eta, both signs, beta 0 and 2.
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+import sparseham
 from sparseham.analysis.linreg import (
     bregman_projection,
     legendre,
@@ -23,9 +26,6 @@ from sparseham.analysis.linreg import (
     make_problem,
     simulate,
 )
-from torch import nn
-
-import sparseham
 
 # (alpha, eta): the largest of the halving etas at which each alpha is still stable here;
 # alpha = 10 runs at three step sizes for the O(eta) gap.

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-import sparseham.methods  # noqa: F401  (registers the built-in methods)
 
+import sparseham.methods  # noqa: F401  (registers the built-in methods)
 from sparseham.config import load_config
 from sparseham.distributions import layer_counts
 from sparseham.train.trainer import run

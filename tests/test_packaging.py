@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-import sparseham.methods  # noqa: F401  (registers the built-in methods)
 
+import sparseham.methods  # noqa: F401  (registers the built-in methods)
 from sparseham import method as registry
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,11 +26,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import sparseham.methods  # noqa: F401  (registers the built-in methods)
 import torch
 from test_checkpoint import flip_payload_byte
 from torch import nn
 
+import sparseham.methods  # noqa: F401  (registers the built-in methods)
 import sparseham.train.trainer as trainer_module
 from sparseham import HAM
 from sparseham.cli import train_main

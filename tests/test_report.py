@@ -18,6 +18,7 @@ import _rundirs
 import numpy as np
 import pytest
 from PIL import Image
+
 from sparseham.analysis import plots, report, runs
 
 __all__: list[str] = []

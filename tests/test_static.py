@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from sparseham.methods import scoring
 from torch import nn
 
 from sparseham import MaskManager, layer_counts, methods
+from sparseham.methods import scoring
 from sparseham.models import build_model
 
 Static = methods.get("static")

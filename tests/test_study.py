@@ -3,6 +3,7 @@
 import json
 
 from _rundirs import write_run
+
 from sparseham.analysis import study
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 import _rundirs
 import pytest
 import yaml
-from sparseham.analysis import runs, sweep
+
+from sparseham.analysis import cells, results, runs, sweep
 from sparseham.analysis.sweep import SweepError
 
 __all__: list[str] = []
@@ -186,6 +188,49 @@ def test_aggregate_without_val_acc(tmp_path):
         run = _rundirs.write_run(tmp_path / f"s{seed}", seed=seed, records=2)
         final = json.loads((run / "final.json").read_text())
         (run / "final.json").write_text(json.dumps({**final, "val_acc": None}))
-    md, table = sweep.aggregate(tmp_path)
+    md, table = results.aggregate(tmp_path)
     assert "val_acc" not in md.read_text() and "val_acc" not in table.read_text()
     assert "| all seeds | 2 |" in md.read_text()
+
+
+def _write_valid_sweep(tmp_path: Path, grid: dict) -> Path:
+    """A sweep over the shipped default config (the ledger resolves each cell's config)."""
+    path = _write_sweep(tmp_path, grid=grid)
+    shutil.copy(TESTS.parent / "configs" / "default.yaml", tmp_path / "configs" / "default.yaml")
+    return path
+
+
+def test_csv_ledger_survives_a_new_machine(tmp_path, capsys):
+    grid = {"sparsity.method": ["rigl"], "ham.enabled": [False, True], "experiment.seed": [0, 1]}
+    path = _write_valid_sweep(tmp_path, grid)
+    ledger = tmp_path / "docs" / "cells.csv"
+    assert sweep.run_sweep(path, command=_fake_train, csv_path=ledger) == 0
+    rows = cells.read_rows(ledger)
+    assert sorted(r["cell"] for r in rows) == sorted(c.name for c in sweep.load_sweep(path).cells)
+    assert len({r["hash"] for r in rows}) == 4  # the seed is part of the hash
+    first = next(r for r in rows if r["cell"] == "enabled=true_seed=1")
+    assert (first["method"], first["ham"], first["seed"]) == ("rigl", "True", "1")
+    final = json.loads((tmp_path / "out" / "enabled=true_seed=1" / "final.json").read_text())
+    assert float(first["test_acc"]) == final["test_acc"] == pytest.approx(0.82)
+    capsys.readouterr()
+
+    shutil.rmtree(tmp_path / "out")  # a new machine: runs/ is gone, the committed CSV is not
+    assert sweep.run_sweep(path, command=_fake_train, csv_path=ledger) == 0
+    assert "4 cells, 0 to run, 4 skipped" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "enabled=true_seed=1").exists()
+
+    grid["experiment.seed"] = [0, 1, 2]  # a grown grid runs only its new cells
+    path = _write_valid_sweep(tmp_path, grid)
+    assert sweep.run_sweep(path, command=_fake_train, csv_path=ledger) == 0
+    assert "6 cells, 2 to run, 4 skipped" in capsys.readouterr().out
+    assert len(cells.read_rows(ledger)) == 6
+
+
+def test_cells_missing_from_the_csv_are_recorded_from_their_run_dirs(tmp_path, capsys):
+    path = _write_valid_sweep(tmp_path, {"sparsity.method": ["rigl"], "ham.enabled": [True],
+                                         "experiment.seed": [0, 1]})
+    assert sweep.run_sweep(path, command=_fake_train) == 0
+    ledger = tmp_path / "cells.csv"
+    assert sweep.run_sweep(path, command=_fake_train, csv_path=ledger) == 0
+    assert "2 cells, 0 to run, 2 skipped" in capsys.readouterr().out
+    assert [r["seed"] for r in cells.read_rows(ledger)] == ["0", "1"]
