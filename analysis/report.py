@@ -118,7 +118,9 @@ def _run_table(run: Run) -> list[list[str]]:
         ("status", "in progress" if run.in_progress else "done"), ("path", str(run.path)),
         ("method", stats.get("method", flat.get("sparsity.method"))),
         ("target sparsity", stats.get("target", flat.get("sparsity.target"))),
-        ("HAM", f"enabled={ham.get('enabled')}, α={ham.get('alpha')}, β={ham.get('beta')}"),
+        ("HAM", f"enabled={ham.get('enabled')}, α={ham.get('alpha')}, β={ham.get('beta')}, "
+                f"clamp={ham.get('clamp', flat.get('ham.clamp'))}"),
+        *_ham_rows(run, ham),
         ("dataset / model", f"{flat.get('data.dataset')} / {flat.get('model.name')}"),
         ("lr / seed", f"{flat.get('optim.lr')} / {flat.get('experiment.seed')}"),
         ("steps / epochs", f"{stats.get('steps')} / {stats.get('epochs')}"),
@@ -128,6 +130,22 @@ def _run_table(run: Run) -> list[list[str]]:
     ]
     rows += [(head, fmt_stat([stats.get(key)], d)) for head, key, d in COLUMNS]
     return [[name, str(value)] for name, value in rows]
+
+
+def _ham_rows(run: Run, ham: dict) -> list[tuple[str, str]]:
+    """HAM's trust-region diagnostics (final.json, or the train records so far) and warnings."""
+    records = [r["ham"] for r in run.events("train") if isinstance(r.get("ham"), dict)]
+    fraction, capped = ham.get("clamped_fraction"), ham.get("capped")
+    if fraction is None and records:
+        taken = [r["clamped_fraction"] for r in records if r.get("clamped_fraction") is not None]
+        fraction = sum(taken) / len(taken) if taken else None
+        capped = sum(r.get("capped", 0) for r in records)
+    rows = []
+    if fraction is not None:
+        rows.append(("HAM exponent at the clamp (fraction of entries)", fmt_stat([fraction], 4)))
+        rows.append(("HAM norm cap rescaled a tensor (times)", str(capped)))
+    rows += [("warning", str(w.get("message"))) for w in run.events("warning")]
+    return rows
 
 
 def _layer_table(run: Run) -> list[list[str]]:

@@ -368,3 +368,42 @@ def test_norm_cap_does_not_spread_a_nan():
         x = [torch.tensor([[float("nan"), 2.0], [3.0, 4.0]])]
         ham(x, [torch.zeros(2, 2)], lr=0.1, alpha=1.0, beta=0.0, max_norm=1.0, **kw)
         assert torch.isnan(x[0][0, 0]) and torch.equal(x[0][1], torch.tensor([3.0, 4.0]))
+
+
+@pytest.mark.parametrize("impl", [{"foreach": False}, {"foreach": True}, {"fused": True}])
+def test_diagnostics_count_clamped_entries_and_caps(impl):
+    p = nn.Parameter(torch.ones(2, 5))
+    bias = nn.Parameter(torch.zeros(5))  # 1-D: never mirrored, never counted
+    opt = HAM(torch.optim.SGD([p, bias], lr=0.1), alpha=10.0, beta=0.0, clamp=0.5, max_norm=3.0, **impl)
+    # lr * alpha * |g| is 1.0 on the first row (beyond the clamp 0.5) and 0.1 on the second.
+    grad = torch.tensor([[1.0] * 5, [0.1] * 5])
+    for _ in range(2):
+        p.grad, bias.grad = grad.clone(), torch.ones(5)
+        with torch.no_grad():
+            p.fill_(1.0)  # the same 5 entries clamp at each step
+        opt.step()  # the weights shrink (norm < 3): no cap
+    diag = opt.diagnostics({p: "w", bias: "b"})
+    assert (diag["clamped"], diag["entries"], diag["clamped_fraction"]) == (10, 20, 0.5)
+    assert diag["capped"] == 0 and diag["steps"] == 2 and set(diag["layers"]) == {"w"}
+    assert opt.diagnostics()["steps"] == 0  # the read reset the counters
+
+    for _ in range(3):
+        p.grad = torch.full((2, 5), -2.0)  # every exponent is +2: clamped to 0.5, weights grow
+        with torch.no_grad():
+            p.fill_(1.0)
+        opt.step()  # 1.2 * e^0.5 per entry: norm 6.3 > 3, so the cap rescales the tensor
+    diag = opt.diagnostics({p: "w"})
+    assert diag["clamped_fraction"] == 1.0 and diag["clamped"] == 30 and diag["capped"] == 3
+    assert diag["layers"]["w"] == {"clamped_fraction": 1.0, "capped": 3}
+    assert torch.linalg.vector_norm(p.detach()).item() == pytest.approx(3.0, rel=1e-6)
+
+
+def test_diagnostics_fraction_on_a_mixed_tensor():
+    p = nn.Parameter(torch.ones(2, 5))
+    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=10.0, beta=0.0, clamp=0.5, max_norm=None)
+    p.grad = torch.tensor([[-1.0] * 5, [-0.1] * 5])  # exponents +1.0 (clamped) and +0.1
+    opt.step()
+    diag = opt.diagnostics()
+    assert diag["clamped_fraction"] == 0.5 and diag["capped"] == 0
+    expected = torch.tensor([[1.1 * math.exp(0.5)] * 5, [1.01 * math.exp(0.1)] * 5])
+    assert torch.allclose(p.detach(), expected)

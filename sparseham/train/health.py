@@ -8,7 +8,9 @@ warning line per run, with the diagnosis and the fix, when:
   ``PATIENCE`` log intervals in a row: HAM is a multiplicative step of fixed size there, not the
   first-order flow it approximates;
 - the norm cap rescales weights in ``PATIENCE`` log intervals: the weights grow without bound;
-- the training loss rises above ``LOSS_RISE`` times its first logged value.
+- the training loss rises above ``LOSS_RISE`` times its first logged value (blamed on HAM when
+  more than ``CLAMPING`` of its exponents sit at the clamp, or its cap fires, in the same
+  interval).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["TrainingHealth", "SATURATED", "PATIENCE", "LOSS_RISE"]
+__all__ = ["TrainingHealth", "SATURATED", "CLAMPING", "PATIENCE", "LOSS_RISE"]
 
 SATURATED = 0.10
+# With the authors' clamp of 5, a few percent of entries at the clamp already blow a run up: each
+# is multiplied by up to e^5 per step. A rising loss is blamed on HAM from this fraction on.
+CLAMPING = 0.001
 PATIENCE = 3
 LOSS_RISE = 3.0
 
@@ -57,24 +62,29 @@ class TrainingHealth:
     def _diagnose(self, diag: dict[str, Any] | None, loss: float) -> str | None:
         if self.warned is not None:
             return None
-        message = None
+        saturated = capped = clamping = False
         if diag is not None and diag["steps"]:
             fraction = diag["clamped_fraction"]
-            self.saturated_in_a_row = self.saturated_in_a_row + 1 if fraction > SATURATED else 0
-            self.capped_intervals += diag["capped"] > 0
-            if self.saturated_in_a_row >= PATIENCE:
-                message = (f"HAM's exponent saturates on {100 * fraction:.0f}% of weights "
-                           f"(alpha*lr = {self.alpha_lr:.3g}, ham.clamp = {self.clamp:g}): lower "
-                           "ham.alpha or optim.lr")
-            elif self.capped_intervals >= PATIENCE:
-                message = (f"HAM's norm cap (ham.max_norm = {self.max_norm:g}) rescaled weights in "
-                           f"{self.capped_intervals} log intervals: the weights grow without bound "
-                           f"(alpha*lr = {self.alpha_lr:.3g}); lower ham.alpha or optim.lr, or ham.clamp")
-        if message is None and self.first_loss is not None and (
-                not math.isfinite(loss) or loss > LOSS_RISE * self.first_loss):
+            saturated, capped = fraction > SATURATED, diag["capped"] > 0
+            clamping = fraction > CLAMPING
+            self.saturated_in_a_row = self.saturated_in_a_row + 1 if saturated else 0
+            self.capped_intervals += capped
+        rising = self.first_loss is not None and not loss <= LOSS_RISE * self.first_loss
+        # A rising loss is blamed on HAM when HAM misbehaves in the same interval.
+        if self.saturated_in_a_row >= PATIENCE or (rising and clamping):
+            message = (f"HAM's exponent saturates on {100 * fraction:.0f}% of weights "
+                       f"(alpha*lr = {self.alpha_lr:.3g}, ham.clamp = {self.clamp:g}): lower "
+                       "ham.alpha or optim.lr")
+        elif self.capped_intervals >= PATIENCE or (rising and capped):
+            message = (f"HAM's norm cap (ham.max_norm = {self.max_norm:g}) rescaled weights in "
+                       f"{self.capped_intervals} log intervals: the weights grow without bound "
+                       f"(alpha*lr = {self.alpha_lr:.3g}); lower ham.alpha or optim.lr, or ham.clamp")
+        elif rising:
             message = (f"the training loss rose to {loss:.4g}, over {LOSS_RISE:g}x its first logged "
                        f"value {self.first_loss:.4g}: lower optim.lr"
                        + (f" or ham.alpha (alpha*lr = {self.alpha_lr:.3g})" if self.enabled else ""))
+        else:
+            message = None
         self.warned = message
         return message
 

@@ -136,8 +136,9 @@ class RunLogger:
     def _health(self, step: int, rec: dict[str, Any]) -> None:
         diag, warning = self.health.update(rec["loss"])
         if diag is not None:
-            rec["ham"] = {"clamped_fraction": diag["clamped_fraction"], "capped": diag["capped"]}
-            if self.tb:
+            fraction = diag["clamped_fraction"] if diag["steps"] else None  # every step skipped
+            rec["ham"] = {"clamped_fraction": fraction, "capped": diag["capped"]}
+            if self.tb and fraction is not None:
                 self.tb.add_scalar("ham/clamped_fraction", diag["clamped_fraction"], step)
                 self.tb.add_scalar("ham/capped", diag["capped"], step)
         if warning:
