@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparseham.distributions import layer_counts, matches_any
+from sparseham.distributions import fixed_counts, layer_counts
 from sparseham.topk import global_topk_masks, topk_mask
 
 __all__ = ["shapes_of", "counts_for", "random_masks", "score_masks", "magnitude_masks", "seeded_generator"]
@@ -15,9 +15,10 @@ def shapes_of(manager) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in zip(manager.names, manager.params)}
 
 
-def counts_for(manager, target: float, distribution: str, dense) -> list[int]:
-    """Exact kept count per managed layer for a per-layer distribution."""
-    counts = layer_counts(shapes_of(manager), target, distribution, dense)
+def counts_for(manager, target: float, distribution: str, dense, fixed=None) -> list[int]:
+    """Exact kept count per managed layer for a per-layer distribution (``fixed``: glob ->
+    density for layers with a density of their own)."""
+    counts = layer_counts(shapes_of(manager), target, distribution, dense, fixed)
     return [counts[n] for n in manager.names]
 
 
@@ -35,27 +36,30 @@ def random_masks(manager, counts: list[int], offset: int = 0) -> list[Tensor]:
     ]
 
 
-def score_masks(manager, scores: list[Tensor], target: float, distribution: str, dense) -> tuple:
+def score_masks(manager, scores: list[Tensor], target: float, distribution: str, dense,
+                fixed=None) -> tuple:
     """Keep the highest ``scores``: per layer by ``distribution`` or with one global threshold.
 
     Returns ``(masks, expected)``: the per-layer counts, or for ``global`` the total kept count
-    (its split over layers is only known on the device). Layers matching ``dense`` stay whole.
+    (its split over layers is only known on the device). Layers matching ``dense`` stay whole;
+    layers in ``fixed`` (glob -> density) keep their own count, by their own top-k.
     """
     if distribution != "global":
-        counts = counts_for(manager, target, distribution, dense)
+        counts = counts_for(manager, target, distribution, dense, fixed)
         return [topk_mask(s, k) for s, k in zip(scores, counts)], counts
-    is_dense = [matches_any(n, dense) for n in manager.names]
+    given = fixed_counts(shapes_of(manager), fixed, dense)
     budget = round((1.0 - target) * sum(s.numel() for s in scores))
-    k = budget - sum(s.numel() for s, d in zip(scores, is_dense) if d)
+    k = budget - sum(given.values())
     if k < 0:
         raise ValueError(f"the dense layers alone hold more than {1 - target:.4g} of the weights; "
                          "lower the target or keep fewer layers dense")
-    free = [s for s, d in zip(scores, is_dense) if not d]
+    free = [s for n, s in zip(manager.names, scores) if n not in given]
     chosen = iter(global_topk_masks(free, k) if free else [])
-    masks = [torch.ones_like(s, dtype=torch.bool) if d else next(chosen) for s, d in zip(scores, is_dense)]
+    masks = [topk_mask(s, given[n]) if n in given else next(chosen) for n, s in zip(manager.names, scores)]
     return masks, budget
 
 
-def magnitude_masks(manager, weights: list[Tensor], target: float, distribution: str, dense) -> tuple:
+def magnitude_masks(manager, weights: list[Tensor], target: float, distribution: str, dense,
+                    fixed=None) -> tuple:
     """:func:`score_masks` with ``|w|`` as the score."""
-    return score_masks(manager, [w.abs() for w in weights], target, distribution, dense)
+    return score_masks(manager, [w.abs() for w in weights], target, distribution, dense, fixed)

@@ -81,7 +81,7 @@ class ACDC(Method):
         if phase.sparse:
             weights = [p.detach() for p in manager.params]
             masks, expected = magnitude_masks(
-                manager, weights, self.target, self.distribution, self.dense_layers
+                manager, weights, self.target, self.distribution, self.dense_layers, self.layer_density
             )
             manager.set_masks(masks, expected=expected, reference=self.last_sparse)
             self.last_sparse = manager.masks

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 
@@ -65,8 +66,17 @@ class RigL(Method):
         if manager.total_steps is None:
             raise ValueError(f"{self.name}: needs the length of training: MaskManager(..., total_steps=N)")
         self.end_step = math.floor(self.options.end * manager.total_steps)
-        self.counts = counts_for(manager, self.target, self.distribution, self.dense_layers)
+        self.counts = counts_for(manager, self.target, self.distribution, self.dense_layers,
+                                 self.layer_density)
         self._grow: list[torch.Tensor] | None = None
+        if not any(periodic(t, self.options.update_every, self.end_step)
+                   for t in range(self.options.update_every, self.end_step, self.options.update_every)):
+            warnings.warn(
+                f"{self.name}: no topology update will happen: the first would be at step "
+                f"{self.options.update_every}, but updates end at step {self.end_step} "
+                f"(end = {self.options.end} of {manager.total_steps} steps); the run is static "
+                f"sparse training. Lower sparsity.{self.name}.update_every or train longer",
+                stacklevel=2)
         manager.set_masks(random_masks(manager, self.counts), expected=self.counts)
 
     def _drops(self, manager, step: int) -> list[int]:
@@ -94,6 +104,9 @@ class RigL(Method):
             score = self.grow_score(manager, i, step).masked_fill_(m, -torch.inf)  # inactive only
             self._grow.append(torch.topk(score.view(-1), d, sorted=False).indices)
             del score
+
+    def skip_step(self, manager) -> None:
+        self._grow = None
 
     def post_step(self, manager) -> None:
         if self._grow is None:

@@ -98,7 +98,8 @@ class Static(Method):
         """Masks of the highest ``scores`` at ``sparsity``, and the kept counts: per layer, or
         for ``global`` the total (the split is only known on the device; ``verify`` checks it)."""
         try:
-            return score_masks(manager, scores, sparsity, self.distribution, self.dense_layers)
+            return score_masks(manager, scores, sparsity, self.distribution, self.dense_layers,
+                               self.layer_density)
         except ValueError as e:
             raise ValueError(f"static: {e}") from None
 

@@ -118,7 +118,7 @@ class STR(Method):
         if not self.projected and manager.step_count == self.project_step:
             self._bake(manager)
             masks, expected = magnitude_masks(
-                manager, manager.params, self.target, "global", self.dense_layers
+                manager, manager.params, self.target, "global", self.dense_layers, self.layer_density
             )
             self.masking = True
             manager.set_masks(masks, expected=expected)

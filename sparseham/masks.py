@@ -10,10 +10,16 @@ The pipeline, in this order (one line each in :meth:`MaskManager.step`):
 6. the method's post-step hook (topology updates).
 
 Nothing here reads a device value on the host: when to act is decided from ``step_count``.
+
+Resuming works in any order of loading the weights, building the manager and loading its state:
+if the managed weights are already sparse when the manager is built (a loaded checkpoint), the
+method's first masks wait until :meth:`MaskManager.load_state_dict` replaces them or the first
+:meth:`MaskManager.step` applies them, instead of zeroing the loaded weights at once.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -23,9 +29,20 @@ from torch import Tensor, nn
 from .distributions import matches_any
 from .method import Method
 
-__all__ = ["MaskManager", "MaskInvariantError", "prunable_parameters"]
+__all__ = ["MaskManager", "MaskInvariantError", "prunable_parameters", "unwrap"]
 
 _PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+# A fresh initialization has no exact zeros; more than this fraction means the weights were loaded
+# from a sparse run.
+_ALREADY_SPARSE = 0.01
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``)."""
+    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(
+            getattr(model, "_orig_mod", None), nn.Module):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
 
 
 class MaskInvariantError(RuntimeError):
@@ -40,7 +57,7 @@ def prunable_parameters(
     By default the weights of Linear and Conv layers, never biases or norm layers. ``include``
     globs over parameter names replace that default; ``exclude`` globs remove names.
     """
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    model = unwrap(model)
     exclude = tuple(exclude or ())
     if include is not None:
         include = tuple(include)
@@ -68,7 +85,10 @@ class MaskManager:
         data: batches ``(x, y)`` for methods that score with data at set-up (SNIP, GraSP).
         loss_fn: the loss used for such scoring (default cross-entropy).
 
-    Call :meth:`step` where a plain loop calls ``optimizer.step()``.
+    Call :meth:`step` where a plain loop calls ``optimizer.step()``; stepping the optimizer
+    directly warns once (pruned weights would revive). To resume, any order works; the
+    recommended one is PyTorch's: load the model's weights, build the manager, then
+    ``mm.load_state_dict(state["manager"])`` and ``optimizer.load_state_dict(...)``.
     """
 
     def __init__(
@@ -88,7 +108,7 @@ class MaskManager:
         pairs = prunable_parameters(model, include, exclude)
         if not pairs:
             raise ValueError("MaskManager found no parameters to manage; check include/exclude globs")
-        self.model = getattr(model, "module", model)
+        self.model = unwrap(model)
         self.optimizer = optimizer
         self.method = method
         self.tracker = tracker
@@ -104,30 +124,75 @@ class MaskManager:
         self.step_count = 0
         self.mask_events: list[dict[str, Any]] = []
         self.phase: str | None = None
+        self._inside = self._stepped = self._warned = False
+        optimizer.register_step_pre_hook(self._before_optimizer_step)
+        optimizer.register_step_post_hook(self._after_optimizer_step)
+        # Masks wait (see the module docstring) when the weights arrive sparse: one host read, here.
+        zeros = sum(int(p.numel() - torch.count_nonzero(p)) for p in self.params)
+        self._pending = zeros > _ALREADY_SPARSE * sum(p.numel() for p in self.params)
         method.setup(self)
         if tracker is not None:
             tracker.attach(self.names, self.params, self.method.tracking_masks(self))
 
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if not self._inside and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "the optimizer was stepped outside MaskManager.step(): pruned weights' gradients "
+                "were not masked and pruned weights can revive; call mm.step() in place of "
+                "optimizer.step()", stacklevel=3)
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._stepped = True
+
     # -- the pipeline ---------------------------------------------------------------------------
-    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+    def step(self, closure: Callable[[], Tensor] | torch.amp.GradScaler | None = None, *,
+             scaler: torch.amp.GradScaler | None = None) -> Tensor | None:
         """Run one training step of the pipeline (see the module docstring for the order).
 
-        With a ``GradScaler``, gradients are unscaled first (so hooks and HAM see true gradients)
-        and ``scaler.step`` skips the step when they are not finite; call ``scaler.update()`` after.
+        Args:
+            closure: as for ``torch.optim``: re-evaluates the model and returns the loss; it is
+                called first, to compute the gradients. A ``GradScaler`` given here is taken as
+                ``scaler`` (``mm.step(scaler)``).
+            scaler: gradients are unscaled first, unless the caller already did
+                (``scaler.unscale_(opt)`` before clipping), so hooks and HAM see true gradients;
+                ``scaler.step`` skips the step when they are not finite, and then nothing moves:
+                neither ``step_count``, nor the masks, the tracker or the method's schedule.
+                Call ``scaler.update()`` after.
+
+        Returns:
+            The closure's loss, or ``None``.
         """
-        if scaler is not None:
+        if isinstance(closure, torch.amp.GradScaler):
+            closure, scaler = None, closure
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if scaler is not None and not _already_unscaled(scaler, self.optimizer):
             scaler.unscale_(self.optimizer)
+        if self._pending:
+            self._pending = False
+            self.apply_masks_()
         masking = self.masks is not None and self.method.masking
         self.method.pre_step(self)
         if masking:
             self.mask_grads_()
-        (scaler.step(self.optimizer) if scaler is not None else self.optimizer.step())
+        self._inside, self._stepped = True, False
+        try:
+            (scaler.step(self.optimizer) if scaler is not None else self.optimizer.step())
+        finally:
+            self._inside = False
+        if not self._stepped:  # the scaler found inf or NaN and skipped the step (a host-side flag)
+            self.method.skip_step(self)
+            return loss
         self.step_count += 1
         if masking:
             self.apply_masks_()
         if self.tracker is not None:
             self.tracker.update(self.params, self.method.tracking_masks(self))
         self.method.post_step(self)
+        return loss
 
     def _refresh_factors(self) -> None:
         # What the masks multiply by. On CPU, multiplying floats by a bool tensor first converts
@@ -183,7 +248,8 @@ class MaskManager:
         self.masks = new
         self._refresh_factors()
         self.expected = expected if expected is None or isinstance(expected, int) else list(expected)
-        self.apply_masks_()
+        if not self._pending:
+            self.apply_masks_()
         self.mask_events.append({"step": self.step_count, "churn": churn, "phase": self.phase})
 
     def clear_masks(self) -> None:
@@ -286,3 +352,14 @@ class MaskManager:
         if self.tracker is not None and state["tracker"] is not None:
             self.tracker.load_state_dict(state["tracker"])
         self.mask_events.clear()
+        self._pending = False
+        if self.masks is not None and self.method.masking:
+            self.apply_masks_()  # a no-op on weights saved with these masks
+
+
+def _already_unscaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` already ran this iteration (clip-then-step recipe)."""
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states.get(id(optimizer)) if scaler.is_enabled() else None
+    return state is not None and state["stage"] is OptState.UNSCALED

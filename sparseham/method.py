@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
@@ -98,6 +98,8 @@ class Method:
         distribution: how the target is split over layers: ``uniform``, ``er``, ``erk`` or
             ``global`` (one threshold over all layers, decided at mask time).
         dense_layers: glob patterns of managed parameter names kept dense.
+        layer_density: glob -> density for managed layers with a density of their own; the rest
+            of the budget is re-solved over the other layers (counts stay exact).
         init: how the first mask is scored, for methods that prune at initialization.
         **options: fields of ``Options``.
     """
@@ -113,6 +115,7 @@ class Method:
         *,
         distribution: str = "erk",
         dense_layers: Sequence[str] = (),
+        layer_density: Mapping[str, float] | None = None,
         init: str = "random",
         **options: Any,
     ) -> None:
@@ -126,6 +129,10 @@ class Method:
         self.target = float(target)
         self.distribution = distribution
         self.dense_layers = tuple(dense_layers)
+        if layer_density is not None and not isinstance(layer_density, Mapping):
+            raise TypeError(f"layer_density maps glob patterns to densities, like {{'fc3*': 1.0}}; "
+                            f"got {type(layer_density).__name__}")
+        self.layer_density = dict(layer_density or {})
         self.init = init
         fields = {f.name for f in dataclasses.fields(self.Options)}
         unknown = sorted(set(options) - fields)
@@ -145,6 +152,10 @@ class Method:
 
     def post_step(self, manager: MaskManager) -> None:
         """Stage 6: topology updates after the weights were stepped, re-masked and tracked."""
+
+    def skip_step(self, manager: MaskManager) -> None:
+        """The optimizer skipped this step (a GradScaler found inf or NaN gradients): forget what
+        :meth:`pre_step` prepared; :meth:`post_step` does not run and ``step_count`` stays."""
 
     def tracking_masks(self, manager: MaskManager) -> list[Tensor] | None:
         """The masks the sign-flip tracker splits by; ``None`` means the manager's masks."""

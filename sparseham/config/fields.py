@@ -84,6 +84,8 @@ def describe(tp: Any, plural: bool = False) -> str:
         return f"a list of {describe(args[0], True)}"
     if origin is tuple:
         return f"a list of {len(args)} {describe(args[0], True)}"
+    if origin is dict:
+        return f"a mapping of {describe(args[0], True)} to {describe(args[1], True)}"
     if tp in _NAMES:
         return _NAMES[tp][plural]
     return getattr(tp, "__name__", str(tp))
@@ -149,6 +151,10 @@ def _coerce(value: Any, tp: Any) -> Any:
         if len(value) != len(args):
             raise _Mismatch
         return tuple(_coerce(item, arg) for item, arg in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _Mismatch
+        return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
     converters = {float: _to_float, int: _to_int, _NONE: lambda v: _exact(v, _NONE)}
     if tp in converters:
         return converters[tp](value)

@@ -152,6 +152,9 @@ class SparsityConfig(Section):
     init: Literal["random", "magnitude", "snip", "grasp", "synflow"] = _f(
         "random", "how the first mask is scored")
     dense_layers: list[str] = _f(factory=list, doc="glob patterns of managed parameters kept dense")
+    layer_density: dict[str, float] = _f(
+        factory=dict, doc="glob -> density for layers with a density of their own, e.g. {'fc3*': 1.0}; "
+                          "the rest of the budget is re-solved over the other layers")
     exclude: list[str] = _f(factory=list, doc="glob patterns of parameters the manager skips")
     include: list[str] | None = _f(None, "glob patterns of parameters to manage; null = all")
     options: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={
@@ -170,6 +173,10 @@ class SparsityConfig(Section):
         if self.method == DENSE and self.target:
             raise FieldError.bad("target", self.target, "method 'dense' cannot reach a target; "
                                  "set it to 0 or null, or pick a sparse method")
+        for pattern, density in self.layer_density.items():
+            if not 0.0 <= density <= 1.0:
+                raise FieldError.bad("layer_density", {pattern: density},
+                                     "a density must be in [0, 1] (the fraction of weights kept)")
         cls = _method.get(self.method)
         for key, supported in (
             ("distribution", getattr(cls, "distributions", _method.DISTRIBUTIONS)),

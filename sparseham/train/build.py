@@ -114,7 +114,8 @@ def build_method(cfg: Config) -> method_registry.Method:
     """The configured sparsification method, with its own section's options."""
     sp = cfg.sparsity
     cls = method_registry.get(sp.method)
-    kwargs = {"distribution": sp.distribution, "dense_layers": tuple(sp.dense_layers), "init": sp.init}
+    kwargs = {"distribution": sp.distribution, "dense_layers": tuple(sp.dense_layers), "init": sp.init,
+              "layer_density": dict(sp.layer_density)}
     return cls(sp.target or 0.0, **kwargs, **method_options(cfg))
 
 

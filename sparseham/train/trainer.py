@@ -168,6 +168,11 @@ class Trainer:
             return
         for record in records:  # a rejected step stays out of the logged loss and accuracy
             self.logger.record_batch(*record)
+        if self.cfg.optim.grad_clip:
+            # Clip true gradients, before the pipeline (RigL's grow scores see clipped ones too).
+            if self.scaler:
+                self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.mm.step(scaler=self.scaler)
         if self.scaler:
             self.scaler.update()
