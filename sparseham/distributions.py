@@ -12,7 +12,8 @@ A layer whose density would exceed 1 is made dense and ``eps`` is re-solved over
 until none exceeds 1. Layers given a density of their own (``fixed``, as jaxpruner's
 ``custom_sparsity_map`` and torch.ao's per-layer config) keep exactly ``round(d * n)`` weights and
 the rest of the budget is solved over the other layers. The real-valued budget is then turned
-into integers by largest remainder, so the global count is exact and ``round(d_l * n_l) == k_l`` for the returned densities.
+into integers by largest remainder, so the global count is exact and ``round(d_l * n_l) == k_l``
+for the returned densities.
 """
 
 from __future__ import annotations
