@@ -288,7 +288,10 @@ class RunLogger:
                 "hparam/total_flips": final["flips_masked"] + final["flips_unmasked"],
             }
             metrics = {k: (v if v is not None and math.isfinite(v) else 0.0) for k, v in metrics.items()}
-            self.tb.add_hparams(hp, metrics, run_name=".")
+            # Discrete domains for the categorical hparams: without one, TensorBoard's HParams
+            # dashboard leaves method, model and seed unticked.
+            domains = {k: [v] for k, v in hp.items() if k in ("method", "model", "dataset", "seed", "ham")}
+            self.tb.add_hparams(hp, metrics, hparam_domain_discrete=domains, run_name=".")
         self.close()
 
     def close(self) -> None:
