@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from sparseham import HAM, MaskManager, SignFlipTracker, methods
 from sparseham.data import build_data
-from sparseham.masks import prunable_parameters
 from sparseham.models import build_model
+from sparseham.params import prunable_parameters
 from sparseham.train.build import lr_factor
 from sparseham.train.logger import RunLogger
 from sparseham.train.trainer import Trainer

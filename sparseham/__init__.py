@@ -15,8 +15,9 @@ import importlib
 
 from .distributions import layer_counts, layer_densities
 from .ham import HAM, ham
-from .masks import MaskInvariantError, MaskManager, prunable_parameters
+from .masks import MaskInvariantError, MaskManager
 from .method import Method
+from .params import prunable_parameters
 from .topk import global_topk_masks, topk_mask
 from .tracking import SignFlipTracker
 

@@ -26,49 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .distributions import matches_any
 from .method import Method
+from .params import prunable_parameters, unwrap
+from .stepping import PipelineOptimizer, already_unscaled
 
 __all__ = ["MaskManager", "MaskInvariantError", "prunable_parameters", "unwrap"]
 
-_PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
 # A fresh initialization has no exact zeros; more than this fraction means the weights were loaded
 # from a sparse run.
 _ALREADY_SPARSE = 0.01
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``)."""
-    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(
-            getattr(model, "_orig_mod", None), nn.Module):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
-
-
 class MaskInvariantError(RuntimeError):
     """A mask or a masked weight drifted from what the method asked for."""
-
-
-def prunable_parameters(
-    model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
-) -> list[tuple[str, nn.Parameter]]:
-    """The managed ``(name, parameter)`` pairs of ``model``.
-
-    By default the weights of Linear and Conv layers, never biases or norm layers. ``include``
-    globs over parameter names replace that default; ``exclude`` globs remove names.
-    """
-    model = unwrap(model)
-    exclude = tuple(exclude or ())
-    if include is not None:
-        include = tuple(include)
-        chosen = [(n, p) for n, p in model.named_parameters() if matches_any(n, include)]
-    else:
-        chosen = [
-            (f"{mn}.weight" if mn else "weight", m.weight)
-            for mn, m in model.named_modules()
-            if isinstance(m, _PRUNABLE) and isinstance(getattr(m, "weight", None), nn.Parameter)
-        ]
-    return [(n, p) for n, p in chosen if not matches_any(n, exclude)]
 
 
 class MaskManager:
@@ -169,7 +139,7 @@ class MaskManager:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if scaler is not None and not _already_unscaled(scaler, self.optimizer):
+        if scaler is not None and not already_unscaled(scaler, self.optimizer):
             scaler.unscale_(self.optimizer)
         if self._pending:
             self._pending = False
@@ -323,6 +293,11 @@ class MaskManager:
             if bad:
                 raise MaskInvariantError(f"{name}: {bad} pruned weights are non-zero")
 
+    def as_optimizer(self) -> PipelineOptimizer:
+        """This manager as an optimizer whose ``step(closure)`` runs :meth:`step`, for frameworks
+        that call ``optimizer.step()`` themselves (see :mod:`sparseham.stepping`)."""
+        return PipelineOptimizer(self)
+
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Masks, step counter, and the method's and tracker's state."""
@@ -355,11 +330,3 @@ class MaskManager:
         self._pending = False
         if self.masks is not None and self.method.masking:
             self.apply_masks_()  # a no-op on weights saved with these masks
-
-
-def _already_unscaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``scaler.unscale_(optimizer)`` already ran this iteration (clip-then-step recipe)."""
-    from torch.amp.grad_scaler import OptState
-
-    state = scaler._per_optimizer_states.get(id(optimizer)) if scaler.is_enabled() else None
-    return state is not None and state["stage"] is OptState.UNSCALED
