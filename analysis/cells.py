@@ -1,11 +1,15 @@
 """Finished study cells as rows of a CSV that is committed, so a study survives a new machine.
 
 ``runs/`` is not committed; a row here is. ``sparseham sweep SWEEP --csv FILE`` skips every cell
-whose config hash is already in FILE and appends one row per cell it finishes:
+already in FILE and appends one row per cell it finishes. One CSV belongs to one sweep file, and a
+cell is identified by its name in that sweep (``cell``: the grid values that vary, seed included),
+so a study resumes on any machine and with newer code; ``commit`` says which code ran each row.
+To re-run cells after changing what they mean (the sweep's base config, its ``set``), delete
+their rows or start a new CSV. Each row holds:
 
 - ``hash``: the first 12 hex digits of the SHA-256 of the resolved config, without the keys that
   do not change the result (``experiment.name``, ``experiment.out_dir``, ``logging``,
-  ``checkpoint``); the seed is part of it, so each seed is its own row;
+  ``checkpoint``), to tell apart rows whose configs differ;
 - the key settings (dataset, model, method, init, distribution, target, HAM on/off, alpha, beta,
   clamp, lr, weight decay, epochs, seed);
 - the results from ``final.json`` (test and validation accuracy, sparsity, total sign flips,
@@ -61,6 +65,7 @@ def row_for_run(run_dir: Path, cell: str, config: dict, commit: str) -> dict[str
     ham = final.get("ham") or {}
     row = {"hash": config_hash(config), "cell": cell}
     row.update({name: _get(config, path) for name, path in SETTINGS.items()})
+    row["distribution"] = final.get("distribution") or row["distribution"]  # null: what the method used
     row.update({
         "test_acc": final.get("test_acc"), "val_acc": final.get("val_acc"),
         "sparsity": final.get("sparsity"),
@@ -115,12 +120,11 @@ class Ledger:
 
     def __init__(self, path: Path, configs: dict[str, dict]) -> None:
         self.path, self.configs, self.commit = path, configs, source_commit()
-        self.have = {row["hash"] for row in read_rows(path)}
+        self.have = {row["cell"] for row in read_rows(path)}
 
     def holds(self, name: str) -> bool:
-        return config_hash(self.configs[name]) in self.have
+        return name in self.have
 
     def record(self, name: str, run_dir: Path) -> None:
-        row = row_for_run(run_dir, name, self.configs[name], self.commit)
-        append_row(self.path, row)
-        self.have.add(row["hash"])
+        append_row(self.path, row_for_run(run_dir, name, self.configs[name], self.commit))
+        self.have.add(name)

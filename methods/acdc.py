@@ -1,15 +1,24 @@
-"""AC/DC: Alternating Compressed/DeCompressed training (Peste et al. 2021).
+"""AC/DC: Alternating Compressed/DeCompressed training (Peste et al. 2021), as the authors' code
+(IST-DASLab/ACDC) runs it.
 
-The timeline (see :func:`sparseham.schedules.acdc_phases`): a dense warm-up, then compressed
-(sparse) and decompressed (dense) phases in turn, then a final compressed phase that ends training.
+The timeline (see :func:`sparseham.schedules.acdc_phases`, which reproduces the authors' ImageNet
+and CIFAR phase lists): a dense warm-up, then compressed (sparse) and decompressed (dense)
+phases in turn, always ending decompressed, then a final compressed phase that ends training.
 
-- Compression, at the start of every compressed phase, keeps the top-``|w|`` weights to the target:
-  one global magnitude threshold by default (as in the paper), or per layer with a distribution.
-  Pruned weights and their optimizer state are zeroed and stay zero during the phase.
-- Decompression drops the mask; the pruned weights re-enter training from exactly zero.
-- The paper's ResNet-50 schedule (100 epochs: 10 warm-up, 5-epoch phases, the last 15 sparse)
-  is the default, scaled to the run length: ``warmup=0.1``, ``phase=0.05``, ``final=0.15`` as
-  fractions of training. Set ``unit`` to ``epochs`` or ``steps`` to give absolute lengths.
+- Compression, at the start of every compressed phase, keeps the top-``|w|`` weights of the
+  current dense weights at the full target: one global magnitude threshold by default (the
+  authors' ``UnstructuredMagnitudePruner``, ``policies/pruners.py``), or per layer with a
+  distribution. Pruned weights and their optimizer state are zeroed and stay zero in the phase.
+- Decompression drops the mask; the pruned weights re-enter training from exactly zero. By
+  default (``reset_state: decompression``) every optimizer-state tensor shaped like its
+  parameter is zeroed then, for every parameter the optimizer holds, BatchNorm and biases
+  included: the authors' ``--reset_momentum_after_recycling`` (``optimization/sgd.py``
+  ``reset_momentum_buffer``). ``none`` never resets; ``switch`` zeroes the managed weights'
+  state at every phase switch (this project's earlier option).
+- The paper's ResNet-50 schedule (100 epochs: 10 warm-up, 5-epoch phases, dense [75, 85), the
+  final 15 compressed) is the default, scaled to the run length: ``warmup=0.1``, ``phase=0.05``,
+  ``final=0.15`` as fractions of training. Set ``unit`` to ``epochs`` or ``steps`` to give
+  absolute lengths.
 - Mask churn is measured between consecutive compressed phases. During decompressed phases the
   sign-flip tracker splits flips by the last compressed mask (weights outside it are "masked").
 """
@@ -42,8 +51,10 @@ class ACDCOptions:
         default="fraction",
         metadata={"help": "unit of warmup/phase/final: fraction (of training), epochs, steps"},
     )
-    reset_momentum: bool = dataclasses.field(
-        default=False, metadata={"help": "zero the optimizer state at every phase switch"}
+    reset_state: str = dataclasses.field(
+        default="decompression",
+        metadata={"help": "decompression: zero all optimizer state at each decompression (the authors'); "
+                          "none; switch: zero the managed weights' state at every phase switch"},
     )
 
     def __post_init__(self):
@@ -54,6 +65,8 @@ class ACDCOptions:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.phase == 0:
             raise ValueError("phase must be > 0")
+        if self.reset_state not in ("decompression", "none", "switch"):
+            raise ValueError(f"reset_state must be decompression, none or switch, got {self.reset_state!r}")
 
 
 @register("acdc")
@@ -61,6 +74,7 @@ class ACDC(Method):
     """AC/DC with global-magnitude compression (see the module docstring)."""
 
     Options = ACDCOptions
+    default_distribution = "global"
 
     def setup(self, manager) -> None:
         if manager.total_steps is None:
@@ -76,8 +90,11 @@ class ACDC(Method):
 
     def _enter(self, manager, phase) -> None:
         manager.phase = "compressed" if phase.sparse else "decompressed"
-        if self.options.reset_momentum:
+        reset = self.options.reset_state
+        if reset == "switch":
             manager.zero_state_([torch.ones_like(p, dtype=torch.bool) for p in manager.params])
+        elif reset == "decompression" and not phase.sparse and manager.step_count > 0:
+            manager.reset_optimizer_state_()
         if phase.sparse:
             weights = [p.detach() for p in manager.params]
             masks, expected = magnitude_masks(

@@ -73,6 +73,12 @@ class Static(Method):
     inits = ("random", "magnitude", "snip", "grasp", "synflow")
     distributions = ("uniform", "er", "erk", "global")
 
+    @classmethod
+    def distribution_for(cls, init: str) -> str:
+        # The papers and Synaptic-Flow (its default --mask-scope global) rank scored inits over all
+        # layers at once; random scores cannot rank layers, so random PaI takes ERK quotas.
+        return "erk" if init == "random" else "global"
+
     def __init__(self, target: float = 0.0, **kwargs) -> None:
         super().__init__(target, **kwargs)
         if self.init not in self.inits:

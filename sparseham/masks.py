@@ -243,6 +243,16 @@ class MaskManager:
                     else:
                         value.view(-1).index_fill_(0, w, 0)
 
+    def reset_optimizer_state_(self) -> None:
+        """Zero every optimizer-state tensor shaped like its parameter, for every parameter the
+        optimizer holds (managed or not: BatchNorm and biases too); step counters stay."""
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    for value in self.optimizer.state.get(p, {}).values():
+                        if isinstance(value, Tensor) and value.shape == p.shape:
+                            value.zero_()
+
     # -- measurements (host reads: call at log intervals only) ----------------------------------
     def kept(self) -> Tensor:
         """Per-layer count of kept weights, as one device tensor.

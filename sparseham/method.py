@@ -96,7 +96,8 @@ class Method:
     Args:
         target: fraction of the managed weights that is zero at the end of training, in [0, 1).
         distribution: how the target is split over layers: ``uniform``, ``er``, ``erk`` or
-            ``global`` (one threshold over all layers, decided at mask time).
+            ``global`` (one threshold over all layers, decided at mask time); ``None`` is the
+            method's own default (:meth:`distribution_for`).
         dense_layers: glob patterns of managed parameter names kept dense.
         layer_density: glob -> density for managed layers with a density of their own; the rest
             of the budget is re-solved over the other layers (counts stay exact).
@@ -108,12 +109,14 @@ class Method:
     Options: ClassVar[type] = NoOptions
     #: Whether the manager masks grads, weights and optimizer state (stages 2 and 4).
     masking: bool = True
+    #: The distribution used when none is given (see :meth:`default_distribution`).
+    default_distribution: ClassVar[str] = "erk"
 
     def __init__(
         self,
         target: float = 0.0,
         *,
-        distribution: str = "erk",
+        distribution: str | None = None,
         dense_layers: Sequence[str] = (),
         layer_density: Mapping[str, float] | None = None,
         init: str = "random",
@@ -121,6 +124,8 @@ class Method:
     ) -> None:
         if not 0.0 <= target < 1.0:
             raise ValueError(f"{self.name or type(self).__name__}: target must be in [0, 1), got {target}")
+        if distribution is None:
+            distribution = self.distribution_for(init)
         if distribution not in DISTRIBUTIONS:
             raise ValueError(
                 f"unknown distribution {distribution!r}{suggest(distribution, DISTRIBUTIONS)}; "
@@ -142,6 +147,11 @@ class Method:
                 f"{suggest(unknown[0], sorted(fields))}; options are: {', '.join(sorted(fields)) or 'none'}"
             )
         self.options = self.Options(**options)
+
+    @classmethod
+    def distribution_for(cls, init: str) -> str:
+        """The distribution a method uses by default (``distribution=None``) with ``init``."""
+        return cls.default_distribution
 
     # -- hooks, in pipeline order -------------------------------------------------------------
     def setup(self, manager: MaskManager) -> None:

@@ -17,6 +17,7 @@ KWARGS = {
     "rigl": {"target": 0.9, "update_every": 4},
     "set": {"target": 0.9, "update_every": 4},
     "acdc": {"target": 0.9, "warmup": 4, "phase": 6, "final": 10, "unit": "steps"},
+    "gmp": {"target": 0.9, "start": 4, "end": 24, "every": 5, "unit": "steps"},
     "str": {"target": 0.9, "s_init": -3.0, "project_at": 0.5},
 }
 
@@ -173,14 +174,33 @@ def test_rigl_grows_by_dense_gradient():
 # -- AC/DC --------------------------------------------------------------------------------------
 
 
-def test_acdc_timeline_matches_config():
-    phases = acdc_phases(100, warmup=10, phase=5, final=15)
-    assert phases[0].start == 0 and phases[0].end == 10 and not phases[0].sparse
-    kinds = [(p.start, p.end, p.sparse) for p in phases[1:]]
-    # C 10-15, D 15-20, ..., D 75-80; the compressed phase 80-85 merges with the final 85-100.
-    expected = [(10 + 5 * i, 15 + 5 * i, i % 2 == 0) for i in range(14)] + [(80, 100, True)]
-    assert kinds == expected
-    assert phase_at(phases, 99).sparse and not phase_at(phases, 15).sparse
+def _phase_list(phases):
+    return [(p.start, p.end, "S" if p.sparse else "D") for p in phases]
+
+
+def test_acdc_timeline_is_the_authors_imagenet_list():
+    # IST-DASLab/ACDC configs/neurips/iht_imagenet_resnet50_insta_cosinelr_s90_ep100.yaml: pruners
+    # [10, 10, 71] and [85, 20, 100], recyclers [15, 10, 66] and [75, 20, 86] ([start, freq, end]).
+    expected = [(0, 10, "D")]
+    for start in range(10, 75, 10):
+        expected += [(start, start + 5, "S"), (start + 5, start + 10, "D")] if start < 70 else [(70, 75, "S")]
+    expected += [(75, 85, "D"), (85, 100, "S")]
+    assert _phase_list(acdc_phases(100, warmup=10, phase=5, final=15)) == expected
+    # The 150-epoch config: prunes at 10, 20, ..., 120 and 135; restores at 15, ..., 115 and 125.
+    ep150 = _phase_list(acdc_phases(150, warmup=10, phase=5, final=15))
+    assert [p[0] for p in ep150 if p[2] == "S"] == [*range(10, 121, 10), 135]
+    assert [p[0] for p in ep150 if p[2] == "D"] == [0, *range(15, 116, 10), 125]
+    assert ep150[-2:] == [(125, 135, "D"), (135, 150, "S")]
+    ep100 = acdc_phases(100, 10, 5, 15)
+    assert phase_at(ep100, 99).sparse and not phase_at(ep100, 80).sparse
+
+
+def test_acdc_timeline_is_the_authors_cifar_list():
+    # iht_cifar10_resnet20_unstructured_insta_prune_freq20_90_constant.yaml: pruner [10, 40, 171],
+    # recycler [30, 40, 151], 200 epochs.
+    assert _phase_list(acdc_phases(200, warmup=10, phase=20, final=30)) == [
+        (0, 10, "D"), (10, 30, "S"), (30, 50, "D"), (50, 70, "S"), (70, 90, "D"), (90, 110, "S"),
+        (110, 130, "D"), (130, 150, "S"), (150, 170, "D"), (170, 200, "S")]
 
 
 def test_acdc_runs_the_timeline_step_by_step():

@@ -207,7 +207,7 @@ def test_csv_ledger_survives_a_new_machine(tmp_path, capsys):
     assert sweep.run_sweep(path, command=_fake_train, csv_path=ledger) == 0
     rows = cells.read_rows(ledger)
     assert sorted(r["cell"] for r in rows) == sorted(c.name for c in sweep.load_sweep(path).cells)
-    assert len({r["hash"] for r in rows}) == 4  # the seed is part of the hash
+    assert len({r["hash"] for r in rows}) == 4  # the seed is part of the config hash
     first = next(r for r in rows if r["cell"] == "enabled=true_seed=1")
     assert (first["method"], first["ham"], first["seed"]) == ("rigl", "True", "1")
     final = json.loads((tmp_path / "out" / "enabled=true_seed=1" / "final.json").read_text())
@@ -218,6 +218,12 @@ def test_csv_ledger_survives_a_new_machine(tmp_path, capsys):
     assert sweep.run_sweep(path, command=_fake_train, csv_path=ledger) == 0
     assert "4 cells, 0 to run, 4 skipped" in capsys.readouterr().out
     assert not (tmp_path / "out" / "enabled=true_seed=1").exists()
+    # Newer code or config keys change the resolved config, not the cells: still nothing to run.
+    base = tmp_path / "configs" / "default.yaml"
+    config = yaml.safe_load(base.read_text())
+    base.write_text(yaml.safe_dump({**config, "tracking": {**config["tracking"], "interval": 2}}))
+    assert sweep.run_sweep(path, command=_fake_train, csv_path=ledger) == 0
+    assert "4 cells, 0 to run, 4 skipped" in capsys.readouterr().out
 
     grid["experiment.seed"] = [0, 1, 2]  # a grown grid runs only its new cells
     path = _write_valid_sweep(tmp_path, grid)

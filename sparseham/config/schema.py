@@ -147,8 +147,9 @@ class SparsityConfig(Section):
     method: str = _f(DENSE, "registered sparsification method (methods.available())")
     target: float | None = _f(
         None, "final fraction of zero weights; required unless method is dense", ge=0, lt=1)
-    distribution: Literal["uniform", "er", "erk", "global"] = _f(
-        "erk", "how the target is split over layers")
+    distribution: Literal["uniform", "er", "erk", "global"] | None = _f(
+        None, "how the target is split over layers; null = the method's default (global for "
+              "scored PaI and AC/DC, uniform for GMP, ERK otherwise)")
     init: Literal["random", "magnitude", "snip", "grasp", "synflow"] = _f(
         "random", "how the first mask is scored")
     dense_layers: list[str] = _f(factory=list, doc="glob patterns of managed parameters kept dense")
@@ -182,7 +183,7 @@ class SparsityConfig(Section):
             ("distribution", getattr(cls, "distributions", _method.DISTRIBUTIONS)),
             ("init", getattr(cls, "inits", _DEFAULT_INITS)),
         ):
-            if getattr(self, key) not in supported:
+            if getattr(self, key) is not None and getattr(self, key) not in supported:
                 reason = f"method '{self.method}' supports only {', '.join(supported)}"
                 raise FieldError.bad(key, getattr(self, key), reason)
         self._check_options(cls)

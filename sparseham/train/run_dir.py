@@ -143,7 +143,7 @@ def final_summary(trainer, results: dict[str, tuple[float, float]]) -> dict[str,
         "skipped_steps": trainer.skipped,
         "wall_time_s": trainer.logger.wall_time(),
         "method": cfg.sparsity.method,
-        "distribution": cfg.sparsity.distribution,
+        "distribution": mm.method.distribution,  # resolved: the method's default when null
         "ham": {
             "enabled": cfg.ham.enabled,
             "alpha": cfg.ham.alpha,
