@@ -257,3 +257,36 @@ def test_method_option_errors():
     model = Net()
     with pytest.raises(ValueError, match="rigl: needs the length of training"):
         MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), methods.get("rigl")(target=0.9))
+
+
+# -- GMP ----------------------------------------------------------------------------------------
+
+
+def test_gmp_follows_the_cubic_schedule_to_the_weight():
+    model, opt, mm = _build("gmp")
+    numel = {n: p.numel() for n, p in zip(mm.names, mm.params)}
+    assert mm.masks is None  # dense until the first pruning step
+    previous = None
+    for step in range(TOTAL):
+        _step(model, opt, mm, step)
+        t = mm.step_count
+        # Zhu & Gupta Eq. (1) with s_i = 0, s_f = 0.9, t_0 = 4, t_end = 24, computed here by hand.
+        done = [u for u in (9, 14, 19, 24) if u <= t]
+        if not done:
+            assert mm.masks is None, t
+            continue
+        s = 0.9 - 0.9 * (1 - (done[-1] - 4) / 20) ** 3
+        # uniform: each layer keeps round((1 - s) * n) up to the largest-remainder split of the total
+        kept = dict(zip(mm.names, mm.kept().tolist()))
+        assert sum(kept.values()) == round((1 - s) * sum(numel.values())), t
+        assert all(abs(kept[n] - (1 - s) * numel[n]) <= 1 for n in numel), t
+        if previous is not None:  # pruned weights never come back
+            assert all(not torch.any(m & ~p) for m, p in zip(mm.masks, previous))
+        previous = [m.clone() for m in mm.masks]
+    assert mm.sparsity() == pytest.approx(0.9, abs=1 / sum(numel.values()))
+
+
+def test_gmp_schedule_values():
+    gmp = methods.get("gmp")(0.8, start=0, end=10, every=1, unit="steps")
+    gmp.start, gmp.end = 0, 10
+    assert [round(gmp.sparsity_at(t), 6) for t in (0, 5, 10, 12)] == [0.0, round(0.8 - 0.8 * 0.5**3, 6), 0.8, 0.8]

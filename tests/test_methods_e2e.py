@@ -1,4 +1,5 @@
-"""Every method, with and without HAM, trains through the training app at 90% ERK on synthetic data."""
+"""Every method, with and without HAM, trains through the training app at 90% sparsity on synthetic
+data, each at its own default distribution (ERK, uniform or one global threshold)."""
 
 import json
 
@@ -9,19 +10,17 @@ from sparseham.config import load_config
 from sparseham.distributions import layer_counts
 from sparseham.train.trainer import run
 
-CONFIGS = ["dense", "random_pai", "snip", "grasp", "synflow", "rigl", "set", "acdc", "str"]
+CONFIGS = {"dense": None, "random_pai": "erk", "snip": "global", "grasp": "global", "synflow": "global",
+           "rigl": "erk", "set": "erk", "acdc": "global", "gmp": "uniform", "str": None}
 SETS = ["data.dataset=synthetic", "model.name=lenet5", "data.batch_size=64", "train.max_steps=40",
         "logging.log_every=10", "logging.tensorboard=false", "logging.progress=false", "checkpoint.every=0",
-        "sparsity.rigl.update_every=10", "sparsity.set.update_every=10"]
+        "sparsity.rigl.update_every=10", "sparsity.set.update_every=10", "sparsity.gmp.every=5"]
 
 
 @pytest.mark.parametrize("ham", [False, True], ids=["plain", "ham"])
-@pytest.mark.parametrize("name", CONFIGS)
-def test_method_trains_to_the_exact_erk_budget(name, ham, tmp_path):
-    sets = SETS + [f"ham.enabled={str(ham).lower()}"]
-    if name != "dense":
-        sets.append("sparsity.distribution=erk")
-    cfg = load_config(f"configs/{name}.yaml", sets)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_method_trains_to_the_exact_budget_of_its_distribution(name, ham, tmp_path):
+    cfg = load_config(f"configs/{name}.yaml", SETS + [f"ham.enabled={str(ham).lower()}"])
     assert run(cfg, tmp_path) == 0
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["ham"]["enabled"] is ham and final["steps"] == 40
@@ -32,6 +31,12 @@ def test_method_trains_to_the_exact_erk_budget(name, ham, tmp_path):
     if name == "str":  # STR projects with one global threshold: global target within 1 point
         assert abs(final["sparsity"] - 0.9) <= 0.01
         return
-    counts = layer_counts({n: layer["shape"] for n, layer in layers.items()}, 0.9, "erk")
-    for n, layer in layers.items():
-        assert layer["sparsity"] == pytest.approx(1 - counts[n] / layer["numel"], abs=1e-12), n
+    assert final["distribution"] == CONFIGS[name]
+    kept = {n: round((1 - layer["sparsity"]) * layer["numel"]) for n, layer in layers.items()}
+    total = sum(layer["numel"] for layer in layers.values())
+    assert sum(kept.values()) == round(0.1 * total)
+    if CONFIGS[name] == "global":  # one threshold: the layers' shares are not all equal
+        assert len({round(k / layers[n]["numel"], 3) for n, k in kept.items()}) > 1
+        return
+    counts = layer_counts({n: layer["shape"] for n, layer in layers.items()}, 0.9, CONFIGS[name])
+    assert kept == counts
