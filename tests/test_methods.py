@@ -289,4 +289,5 @@ def test_gmp_follows_the_cubic_schedule_to_the_weight():
 def test_gmp_schedule_values():
     gmp = methods.get("gmp")(0.8, start=0, end=10, every=1, unit="steps")
     gmp.start, gmp.end = 0, 10
-    assert [round(gmp.sparsity_at(t), 6) for t in (0, 5, 10, 12)] == [0.0, round(0.8 - 0.8 * 0.5**3, 6), 0.8, 0.8]
+    expected = [0.0, round(0.8 - 0.8 * 0.5**3, 6), 0.8, 0.8]
+    assert [round(gmp.sparsity_at(t), 6) for t in (0, 5, 10, 12)] == expected
