@@ -13,10 +13,24 @@ dense tensor, so the backward pass already computes its gradient. The pre-step h
 reads ``.grad`` before the manager masks it (stage 2), on update steps only, and keeps just a bool
 mask of the chosen grow set until the post-step hook (stage 6) drops by the stepped weights.
 
-Grow candidates are the weights inactive *before* the update, so dropped and grown sets are
-disjoint (the paper's pseudo-code lets a just-dropped weight regrow; this does not). Under DDP
-the gradients are all-reduced before stage 1 and the top-k is deterministic, so every rank
-computes the same mask.
+Two update rules, chosen by ``reference``:
+
+- ``reference: true`` (the default) is the authors' code (google-research/rigl,
+  ``rigl/sparse_optimizers_base.py``, ``SparseRigLOptimizerBase``): updates happen at optimizer
+  steps :math:`0, \Delta T, 2\Delta T, \dots` before ``end``, and an update iteration only
+  changes the topology: its batch's gradient chooses the growth, the optimizer step is skipped
+  and ``step_count`` does not advance (``apply_gradients`` takes the update branch of its
+  ``cond``). Each layer keeps its top :math:`n_l - d` active weights by :math:`|w|`, then grows
+  the top :math:`d` by :math:`|\nabla_w L|` among all others, just-dropped weights included
+  (``_get_update_op``); a just-dropped weight that regrows keeps its value and optimizer state,
+  and only new connections start at 0 with zeroed state (``grow_init: zeros``,
+  ``initial_acc_scale: 0``). Here the LR schedule still steps per iteration.
+- ``reference: false``: every update step is also an optimizer step. The grow set is chosen in
+  stage 1 from the weights inactive *before* the update, and the drop in stage 6 from the
+  stepped weights, so dropped and grown sets are disjoint.
+
+Under DDP the gradients are all-reduced before stage 1 and the top-k is deterministic, so every
+rank computes the same mask.
 """
 
 from __future__ import annotations
@@ -45,6 +59,9 @@ class RigLOptions:
         default=0.75, metadata={"help": "stop updating after this fraction of training (T_end / T)"}
     )
     drop_fraction: float = dataclasses.field(default=0.3, metadata={"help": "initial drop fraction f0"})
+    reference: bool = dataclasses.field(
+        default=True, metadata={"help": "the authors' update: at steps 0, dT, ..., topology-only "
+                                        "iterations; just-dropped weights may regrow (see the docstring)"})
 
     def __post_init__(self):
         if not (isinstance(self.update_every, int) and self.update_every >= 1):
@@ -69,11 +86,11 @@ class RigL(Method):
         self.counts = counts_for(manager, self.target, self.distribution, self.dense_layers,
                                  self.layer_density)
         self._grow: list[torch.Tensor] | None = None
-        if not any(periodic(t, self.options.update_every, self.end_step)
-                   for t in range(self.options.update_every, self.end_step, self.options.update_every)):
+        self._last_update, self._topology_only = -self.options.update_every, False
+        if self.options.update_every >= self.end_step:
             warnings.warn(
-                f"{self.name}: no topology update will happen: the first would be at step "
-                f"{self.options.update_every}, but updates end at step {self.end_step} "
+                f"{self.name}: no topology update will happen after the start: the next would be at "
+                f"step {self.options.update_every}, but updates end at step {self.end_step} "
                 f"(end = {self.options.end} of {manager.total_steps} steps); the run is static "
                 f"sparse training. Lower sparsity.{self.name}.update_every or train longer",
                 stacklevel=2)
@@ -94,6 +111,13 @@ class RigL(Method):
         return g.abs() if g is not None else torch.zeros_like(manager.params[i])
 
     def pre_step(self, manager) -> None:
+        if self.options.reference:
+            step = manager.step_count  # optimizer steps taken so far (the reference's global_step)
+            self._topology_only = self._last_update + self.options.update_every <= step < self.end_step
+            if self._topology_only:
+                self._last_update = step
+                self._reference_update(manager, step)
+            return
         step = manager.step_count + 1  # the step being taken
         if not periodic(step, self.options.update_every, self.end_step):
             return
@@ -104,6 +128,30 @@ class RigL(Method):
             score = self.grow_score(manager, i, step).masked_fill_(m, -torch.inf)  # inactive only
             self._grow.append(torch.topk(score.view(-1), d, sorted=False).indices)
             del score
+
+    def takes_optimizer_step(self, manager) -> bool:
+        return not self._topology_only
+
+    def state_dict(self):
+        return {"last_update": self._last_update}
+
+    def load_state_dict(self, state) -> None:
+        self._last_update = state.get("last_update", -self.options.update_every)
+
+    def _reference_update(self, manager, step: int) -> None:
+        new, fresh = [], []
+        for i, (p, m, d) in enumerate(zip(manager.params, manager.masks, self._drops(manager, step))):
+            keep = torch.topk(p.detach().abs().masked_fill(~m, -torch.inf).view(-1), self.counts[i] - d,
+                              sorted=False).indices
+            mask = torch.zeros_like(m)
+            mask.view(-1)[keep] = True
+            score = self.grow_score(manager, i, step).masked_fill_(mask, -torch.inf)  # all but the kept
+            mask.view(-1)[torch.topk(score.view(-1), d, sorted=False).indices] = True
+            del score
+            new.append(mask)
+            fresh.append(mask & ~m)  # new connections; a regrown just-dropped weight keeps its state
+        manager.zero_state_(fresh)
+        manager.set_masks(new, expected=self.counts)
 
     def skip_step(self, manager) -> None:
         self._grow = None

@@ -144,8 +144,10 @@ class MaskManager:
         if self._pending:
             self._pending = False
             self.apply_masks_()
-        masking = self.masks is not None and self.method.masking
         self.method.pre_step(self)
+        if not self.method.takes_optimizer_step(self):
+            return loss  # a topology-only iteration: pre_step installed the new masks
+        masking = self.masks is not None and self.method.masking
         if masking:
             self.mask_grads_()
         self._inside, self._stepped = True, False

@@ -163,6 +163,12 @@ class Method:
     def post_step(self, manager: MaskManager) -> None:
         """Stage 6: topology updates after the weights were stepped, re-masked and tracked."""
 
+    def takes_optimizer_step(self, manager: MaskManager) -> bool:
+        """Whether stage 3 runs on this step; ``False`` makes it a topology-only iteration
+        (RigL's reference update): the optimizer does not step, and neither ``step_count``, the
+        tracker nor :meth:`post_step` moves."""
+        return True
+
     def skip_step(self, manager: MaskManager) -> None:
         """The optimizer skipped this step (a GradScaler found inf or NaN gradients): forget what
         :meth:`pre_step` prepared; :meth:`post_step` does not run and ``step_count`` stays."""

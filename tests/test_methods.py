@@ -42,14 +42,15 @@ def _batch(step):
     return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
 
 
-def _build(name, opt_name="sgd"):
+def _build(name, opt_name="sgd", **overrides):
     torch.manual_seed(0)
     model = Net()
     make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
             "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}[opt_name]
     opt = HAM(make(model.parameters()), alpha=20.0, beta=1e-2)
-    mm = MaskManager(model, opt, methods.get(name)(**KWARGS[name]), tracker=SignFlipTracker(),
-                     total_steps=TOTAL, steps_per_epoch=10, data=[_batch(-1)])
+    method = methods.get(name)(**{**KWARGS[name], **overrides})
+    mm = MaskManager(model, opt, method, tracker=SignFlipTracker(), total_steps=TOTAL, steps_per_epoch=10,
+                     data=[_batch(-1)])
     return model, opt, mm
 
 
@@ -133,42 +134,89 @@ def test_rigl_drop_fraction_schedule_values():
 
 @pytest.mark.parametrize("name", ["rigl", "set"])
 def test_rigl_drop_and_grow_disjoint_and_grown_start_at_zero(name):
-    model, opt, mm = _build(name)
+    model, opt, mm = _build(name, reference=False)
     rigl = mm.method
-    assert rigl.end_step == 30
     for step in range(1, 4):
         _step(model, opt, mm, step)
     before = [m.clone() for m in mm.masks]
-    weights_before = [p.detach().clone() for p in mm.params]
-    _step(model, opt, mm, 4)  # step 4 is an update step
-    f = cosine_drop_fraction(4, 30, 0.3)
-    for p, old, new, k in zip(mm.params, before, mm.masks, rigl.counts):
-        dropped, grown = old & ~new, new & ~old
-        d = min(math.floor(f * k), p.numel() - k)
-        assert int(dropped.sum()) == int(grown.sum()) == d
-        assert not torch.any(dropped & grown)
-        assert int(new.sum()) == k
-        assert torch.all(p[grown] == 0)
-        assert torch.all(opt.state[p]["momentum_buffer"][grown] == 0)
-    if name == "rigl":  # the grown weights had the largest dense gradients among the inactive
-        assert weights_before is not None
-
-
-def test_rigl_grows_by_dense_gradient():
-    model, opt, mm = _build("rigl")
-    for step in range(1, 4):
-        _step(model, opt, mm, step)
     x, y = _batch(4)
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     dense = [p.grad.abs().clone() for p in mm.params]
-    old = [m.clone() for m in mm.masks]
+    mm.step()  # step 4 is an update step
+    f = cosine_drop_fraction(4, 30, 0.3)
+    for p, g, old, new, k in zip(mm.params, dense, before, mm.masks, rigl.counts):
+        dropped, grown = old & ~new, new & ~old
+        d = min(math.floor(f * k), p.numel() - k)
+        assert int(dropped.sum()) == int(grown.sum()) == d > 0
+        assert not torch.any(dropped & grown)
+        assert int(new.sum()) == k
+        assert torch.all(p[grown] == 0)
+        assert torch.all(opt.state[p]["momentum_buffer"][grown] == 0)
+        if name == "rigl":  # grown: the largest dense gradients among the weights inactive before
+            assert g[grown].min() >= g[~old & ~grown].max()
+
+
+def test_rigl_stops_at_end():
+    model, opt, mm = _build("rigl", reference=False)
+    changed = []
+    for step in range(TOTAL):
+        old = [m.clone() for m in mm.masks]
+        _step(model, opt, mm, step)
+        if any(not torch.equal(a, b) for a, b in zip(old, mm.masks)):
+            changed.append(mm.step_count)
+    assert changed == [4, 8, 12, 16, 20, 24, 28]  # every 4 steps, none at or after end = 30
+
+
+# A hand-built layer: 8 weights, 4 active (flat 0, 1, 2, 7), lr 0 so a step does not move them.
+W = torch.tensor([[0.9, -0.1, 0.5, 0.0], [0.0, 0.0, 0.0, -0.7]])
+G = torch.tensor([[0.1, 0.2, 0.85, 0.9], [0.05, 0.8, 0.4, 0.6]])
+ACTIVE = torch.tensor([[True, True, True, False], [False, False, False, True]])
+
+
+def _hand_layer(reference: bool, lr: float = 0.0):
+    layer = nn.Linear(4, 2, bias=False)
+    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9)
+    rigl = methods.get("rigl")(0.5, update_every=10, end=1.0, drop_fraction=0.6, reference=reference)
+    mm = MaskManager(layer, opt, rigl, total_steps=100)
+    with torch.no_grad():
+        layer.weight.copy_(W)
+    mm.set_masks([ACTIVE], expected=[4])
+    opt.state[layer.weight]["momentum_buffer"] = torch.ones(2, 4) * ACTIVE
+    layer.weight.grad = G.clone()
+    return layer, opt, mm
+
+
+def _flat(mask):
+    return sorted(torch.nonzero(mask.view(-1)).view(-1).tolist())
+
+
+def test_rigl_reference_update_on_a_hand_built_layer():
+    # google-research/rigl _get_update_op at global step 0: drop fraction 0.6 -> d = int(4 * 0.6) = 2.
+    # Keep the 2 largest |w| of the active (0.9 at 0, -0.7 at 7); grow the 2 largest |g| among all
+    # others, the just-dropped included: 0.9 at 3 and 0.85 at 2 (just dropped, regrows).
+    layer, opt, mm = _hand_layer(reference=True, lr=0.1)
     mm.step()
-    for g, o, new in zip(dense, old, mm.masks):
-        grown = new & ~o
-        if grown.any():
-            inactive_not_grown = ~o & ~grown
-            assert g[grown].min() >= g[inactive_not_grown].max()
+    assert _flat(mm.masks[0]) == [0, 2, 3, 7]
+    assert mm.step_count == 0  # a topology-only iteration: no optimizer step
+    w = layer.weight.detach().view(-1)
+    assert w.tolist() == pytest.approx([0.9, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, -0.7])  # 2 keeps its value
+    momentum = opt.state[layer.weight]["momentum_buffer"].view(-1)
+    assert momentum.tolist() == [1, 0, 1, 0, 0, 0, 0, 1]  # new connection 3 starts at 0; 2 keeps its own
+    layer.weight.grad = G.clone()
+    mm.step()  # the next iteration is the gradient step
+    assert mm.step_count == 1 and layer.weight.detach().view(-1)[0] != 0.9
+
+
+def test_rigl_disjoint_update_on_the_same_layer():
+    # reference: false, at step 10 (f = 0.3 (1 + cos(pi / 10)) = 0.585 -> d = 2): drop the 2 smallest
+    # |w| of the active (-0.1 at 1, 0.5 at 2), grow the 2 largest |g| among those inactive before
+    # (0.9 at 3, 0.8 at 5): the just-dropped 2 cannot regrow.
+    layer, opt, mm = _hand_layer(reference=False)
+    mm.step_count = 9
+    mm.step()
+    assert mm.step_count == 10 and _flat(mm.masks[0]) == [0, 3, 5, 7]
+    assert layer.weight.detach().view(-1).tolist() == pytest.approx([0.9, 0, 0, 0, 0, 0, 0, -0.7])
 
 
 # -- AC/DC --------------------------------------------------------------------------------------

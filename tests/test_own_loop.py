@@ -225,8 +225,9 @@ def test_stepping_the_optimizer_directly_warns_once():
 def test_rigl_warns_when_it_would_never_update():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(UserWarning, match=r"rigl: no topology update will happen: the first would be at step "
-                                         r"100, but updates end at step 75 \(end = 0.75 of 100 steps\)"):
+    with pytest.warns(UserWarning, match=r"rigl: no topology update will happen after the start: the next "
+                                         r"would be at step 100, but updates end at step 75 \(end = 0.75 "
+                                         r"of 100 steps\)"):
         MaskManager(model, opt, methods.get("rigl")(0.9, update_every=100), total_steps=100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
