@@ -162,7 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("table")
     t.add_argument("root", type=Path)
     t.add_argument("--out", type=Path, default=Path("docs"))
+    c = sub.add_parser("clamp", help="the HAM-robustness study's tables and heat maps from its cells CSV")
+    c.add_argument("root", type=Path, help="the cells CSV (docs/study/ham_clamp/cells.csv)")
+    c.add_argument("--out", type=Path, default=Path("docs/study/ham_clamp"))
     args = p.parse_args(argv)
+    if args.cmd == "clamp":
+        if not args.root.is_file():
+            print(f"error: {args.root} is not a cells CSV", file=sys.stderr)
+            return 2
+        from sparseham.analysis.clamp_study import write
+
+        print(f"wrote {write(args.root, args.out)}")
+        return 0
     if not args.root.is_dir():
         print(f"error: {args.root} is not a directory of runs", file=sys.stderr)
         return 2

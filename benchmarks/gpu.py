@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from sparseham import HAM, MaskManager, SignFlipTracker, methods
-from sparseham.schedules import periodic
 
 if __package__:
     from . import ham_step, pipeline, rigl_update, tracker
@@ -117,7 +116,7 @@ def check_syncs(model: str, batch: int, device: torch.device, amp, steps: int = 
     checked, updates, error = 0, 0, None
     for i in range(steps):
         _train_batch(mm, batches[i % 2], amp)
-        updates += periodic(mm.step_count + 1, every, method.end_step)
+        events = len(mm.mask_events)
         try:
             with _debug_mode(device, "error"):
                 mm.step()
@@ -125,6 +124,7 @@ def check_syncs(model: str, batch: int, device: torch.device, amp, steps: int = 
             error = f"step {mm.step_count + 1}: {exc}"
             break
         checked += 1
+        updates += len(mm.mask_events) > events  # a RigL topology update ran in this call
         opt.zero_grad(set_to_none=True)
     trainer = pipeline._trainer(net, mm, device, amp)
     trainer.train_step([batches[0]])  # warm-up of the stand-in

@@ -4,7 +4,8 @@
 [--threads 1] [--json PATH] [--quick]``
 
 A real :class:`sparseham.MaskManager` with ``methods.get("rigl")(0.9, distribution="erk",
-update_every=1)`` manages every Conv/Linear weight of the model (ResNet-50: 54 tensors, 25.5M
+update_every=1, reference=False)`` (the disjoint rule) manages every Conv/Linear weight of the model
+(ResNet-50: 54 tensors, 25.5M
 weights), with random dense gradients and SGD momentum buffers in place. One update is what
 ``MaskManager.step()`` runs on an update step besides the ordinary stages:
 ``method.pre_step`` (grow set: top-k of |grad| among inactive weights), the step counter advancing,
@@ -67,7 +68,7 @@ def setup(model: str, sparsity: float, device: torch.device, seed: int = 0) -> M
         p.grad = (1e-2 * torch.randn(p.shape, generator=gen)).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     opt.step()  # creates the momentum buffers the update must mask and zero
-    method = methods.get("rigl")(sparsity, distribution="erk", update_every=1, end=1.0)
+    method = methods.get("rigl")(sparsity, distribution="erk", update_every=1, end=1.0, reference=False)
     return MaskManager(net, opt, method, total_steps=10**9)
 
 

@@ -1,33 +1,47 @@
-r"""STR: Soft Threshold weight Reparameterization (Kusupati et al. 2020).
+r"""STR: Soft Threshold weight Reparameterization (Kusupati et al. 2020), as RAIVNLab/STR runs it.
 
-Each managed layer computes its forward weight from a latent :math:`W` and one learnable scalar
-:math:`s_l`:
+Each managed layer computes its forward weight from a latent :math:`W` and one learnable
+threshold parameter :math:`s_l` of shape (1, 1) (``utils/conv_type.py``, ``STRConv``):
 
 .. math::  \hat W = \mathrm{sign}(W) \odot \mathrm{ReLU}(|W| - \sigma(s_l)),
 
 through ``torch.nn.utils.parametrize`` (so it works on any Conv/Linear module, including
-torchvision's). The :math:`s_l` sit in their own parameter group with their own weight decay;
-weight decay pulls :math:`s_l` towards 0, raising the threshold :math:`\sigma(s_l)` and with it the
-sparsity. HAM acts on the latent :math:`W` (the :math:`s_l` are 0-dimensional, so the mirror step
-skips them). The implicit mask is :math:`|W| > \sigma(s_l)`; the sign-flip tracker splits by it.
+torchvision's). The :math:`s_l` sit in their own parameter group. As in the reference
+(``main.py``'s ``sparseThreshold`` group with ``st_decay = None``) they get the weights' weight
+decay unless ``s_weight_decay`` is set; decay pulls :math:`s_l` towards 0, raising the threshold
+:math:`\sigma(s_l)` and with it the sparsity. ``s_init = -3200`` (``configs/largescale/
+resnet50-str.yaml``) prunes nothing at first: the sparsity emerges as the decay brings
+:math:`s_l` up; ``s_init = -5`` (this project's earlier default) prunes about 18% of a fresh
+ResNet-50 at step 0. The implicit mask is :math:`|W| > \sigma(s_l)`; the tracker splits by it.
 
-STR alone cannot be steered to a chosen sparsity. ``mode: target`` (the default) makes it end at
-exactly ``sparsity.target``: at ``project_at`` (a fraction of training) the effective weights
-:math:`\hat W` are projected onto the target with one global magnitude threshold, which keeps the
-per-layer allocation STR learned, and the rest of training fine-tunes with that mask fixed.
-``mode: free`` is the paper's STR: it ends wherever the thresholds took it. Either way the saved
-weights are the effective sparse weights and the mask matches them.
+HAM acts on the latent :math:`W` and, with ``ham_threshold: true`` (the default), on
+:math:`s_l` too: the authors' HAM wrapper mirrors every tensor with ``ndim >= 2``, and STR's
+:math:`s_l` has shape (1, 1), so that is what the HAM paper's STR + HAM ran. With
+``ham_threshold: false`` the thresholds' group has HAM's alpha and beta at 0.
+
+``mode: free`` is the paper's STR: it ends wherever the thresholds take it. ``mode: target``
+(the default) steers STR's own mechanism to ``sparsity.target``: every ``control_every`` steps
+(one device read) the achieved sparsity is compared with a cubic ramp from 0 to the target at
+``project_at``, and the thresholds' weight decay is scaled by :math:`\exp(\text{gain}\cdot
+(s^*(t) - s(t)) / s_f)`; decay drives the thresholds, the loss gradient pushes back, and STR
+keeps choosing the per-layer allocation. At ``project_at`` a projection onto the exact target
+with one global magnitude threshold corrects what is left, and the rest of training fine-tunes
+that mask. How many kept weights the projection moved, and the per-layer densities before and
+after it, are recorded (``projection``). Either way the saved weights are the effective sparse
+weights and the mask matches them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from sparseham.method import Method
+from sparseham.schedules import cubic_sparsity
 
 from . import register
 from ._common import magnitude_masks
@@ -36,11 +50,11 @@ __all__ = ["STR", "SoftThreshold"]
 
 
 class SoftThreshold(nn.Module):
-    """``sign(w) * relu(|w| - sigmoid(s))`` with a learnable scalar ``s``."""
+    """``sign(w) * relu(|w| - sigmoid(s))`` with a learnable ``s`` of shape (1, 1)."""
 
     def __init__(self, s_init: float) -> None:
         super().__init__()
-        self.s = nn.Parameter(torch.tensor(float(s_init)))
+        self.s = nn.Parameter(torch.full((1, 1), float(s_init)))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return torch.sign(w) * torch.relu(w.abs() - torch.sigmoid(self.s))
@@ -48,19 +62,29 @@ class SoftThreshold(nn.Module):
 
 @dataclasses.dataclass
 class STROptions:
-    s_init: float = dataclasses.field(
-        default=-5.0, metadata={"help": "initial threshold parameter s (sigmoid(s) is the threshold)"}
+    s_init: float | None = dataclasses.field(
+        default=None, metadata={"help": "initial threshold parameter s (sigmoid(s) is the threshold); "
+                                        "null = -3200 (the reference) in free mode, -5 in target mode"}
     )
-    s_weight_decay: float = dataclasses.field(
-        default=1e-4, metadata={"help": "weight decay of the threshold parameters (drives sparsity up)"}
+    s_weight_decay: float | None = dataclasses.field(
+        default=None, metadata={"help": "weight decay of the thresholds; null = the weights' (the reference)"}
+    )
+    ham_threshold: bool = dataclasses.field(
+        default=True, metadata={"help": "HAM's mirror step on the thresholds too (the authors' wrapper)"}
     )
     mode: str = dataclasses.field(
         default="target",
-        metadata={"help": "target: project to sparsity.target at project_at; free: plain STR"},
+        metadata={"help": "target: steer to sparsity.target, then project at project_at; free: plain STR"},
     )
     project_at: float = dataclasses.field(
-        default=0.9,
+        default=0.8,
         metadata={"help": "fraction of training at which target mode projects and freezes the mask"},
+    )
+    control_every: int = dataclasses.field(
+        default=20, metadata={"help": "target mode: steps between sparsity reads and decay adjustments"}
+    )
+    gain: float = dataclasses.field(
+        default=4.0, metadata={"help": "target mode: log-scale of the decay change per unit relative error"}
     )
 
     def __post_init__(self):
@@ -68,8 +92,10 @@ class STROptions:
             raise ValueError(f"mode must be target or free, got {self.mode!r}")
         if not 0.0 < self.project_at <= 1.0:
             raise ValueError(f"project_at must be in (0, 1], got {self.project_at}")
-        if self.s_weight_decay < 0:
+        if self.s_weight_decay is not None and self.s_weight_decay < 0:
             raise ValueError(f"s_weight_decay must be >= 0, got {self.s_weight_decay}")
+        if not (isinstance(self.control_every, int) and self.control_every >= 1) or self.gain < 0:
+            raise ValueError(f"need control_every >= 1 and gain >= 0, got {self.control_every}, {self.gain}")
 
 
 def _owner(model: nn.Module, name: str) -> nn.Module:
@@ -84,22 +110,32 @@ class STR(Method):
     distributions = ("uniform", "er", "erk")
     masking = False
 
+    @property
+    def s_init(self) -> float:
+        if self.options.s_init is not None:
+            return self.options.s_init
+        return -3200.0 if self.options.mode == "free" else -5.0
+
     def setup(self, manager) -> None:
-        if self.options.mode == "target" and manager.total_steps is None:
+        o = self.options
+        if o.mode == "target" and manager.total_steps is None:
             raise ValueError("str: target mode needs the length of training: MaskManager(..., total_steps=N)")
         self.modules = []
         for name in manager.names:
             if not name.endswith("weight"):
                 raise ValueError(f"str: can only reparameterize module weights, got {name!r}")
             module = _owner(manager.model, name)
-            parametrize.register_parametrization(module, "weight", SoftThreshold(self.options.s_init))
+            parametrize.register_parametrization(module, "weight", SoftThreshold(self.s_init))
             self.modules.append(module)
-        thresholds = [m.parametrizations.weight[0].s for m in self.modules]
-        manager.optimizer.add_param_group({"params": thresholds, "weight_decay": self.options.s_weight_decay})
-        self.projected = False
-        self.project_step = (
-            round(self.options.project_at * manager.total_steps) if self.options.mode == "target" else None
-        )
+        opt = manager.optimizer
+        decay = o.s_weight_decay if o.s_weight_decay is not None else opt.defaults.get("weight_decay", 0.0)
+        group = {"params": [m.parametrizations.weight[0].s for m in self.modules], "weight_decay": decay}
+        if not o.ham_threshold and hasattr(opt, "group_keys"):  # a HAM: no mirror step on s
+            group.update(dict.fromkeys(opt.group_keys, 0.0))
+        opt.add_param_group(group)
+        self.group = opt.param_groups[-1]
+        self.projected, self.projection = False, None
+        self.project_step = round(o.project_at * manager.total_steps) if o.mode == "target" else None
 
     def _implicit_masks(self) -> list[torch.Tensor]:
         return [
@@ -115,13 +151,41 @@ class STR(Method):
         return manager.params if self.projected else [m.weight.detach() for m in self.modules]
 
     def post_step(self, manager) -> None:
-        if not self.projected and manager.step_count == self.project_step:
-            self._bake(manager)
-            masks, expected = magnitude_masks(
-                manager, manager.params, self.target, "global", self.dense_layers, self.layer_density
-            )
-            self.masking = True
-            manager.set_masks(masks, expected=expected)
+        step = manager.step_count
+        if self.projected or self.project_step is None:
+            return
+        if step == self.project_step:
+            self._project(manager)
+        elif step % self.options.control_every == 0:
+            self._steer(manager, step)
+
+    def _steer(self, manager, step: int) -> None:
+        """Scale the thresholds' weight decay towards the ramp (one device read)."""
+        ahead = min(step + self.options.control_every, self.project_step)
+        want = cubic_sparsity(ahead, 0, self.project_step, 0.0, self.target)
+        error = (want - manager.sparsity()) / max(self.target, 1e-3)
+        # Rate-limited: the thresholds carry momentum, so a large correction overshoots.
+        factor = min(max(math.exp(self.options.gain * error), 0.5), 1.25)
+        self.group["weight_decay"] = min(max(self.group["weight_decay"], 1e-8) * factor, 1.0)
+
+    def _project(self, manager) -> None:
+        before = self._implicit_masks()
+        self._bake(manager)
+        masks, expected = magnitude_masks(
+            manager, manager.params, self.target, "global", self.dense_layers, self.layer_density
+        )
+        # Moved: weights the projection pruned or revived, as a fraction of the weights it keeps.
+        moved = sum(int(torch.count_nonzero(a ^ b)) for a, b in zip(before, masks))
+        kept = sum(int(m.sum()) for m in masks)
+        numel = {n: p.numel() for n, p in zip(manager.names, manager.params)}
+        self.projection = {
+            "step": manager.step_count, "moved": moved, "moved_fraction": moved / max(kept, 1),
+            "sparsity_before": 1 - sum(int(m.sum()) for m in before) / sum(numel.values()),
+            "densities_before": {n: int(m.sum()) / numel[n] for n, m in zip(manager.names, before)},
+            "densities_after": {n: int(m.sum()) / numel[n] for n, m in zip(manager.names, masks)},
+        }
+        self.masking = True
+        manager.set_masks(masks, expected=expected)
 
     def finalize(self, manager) -> None:
         if not self.projected:
@@ -135,10 +199,17 @@ class STR(Method):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         self.projected = True
 
+    def summary(self):
+        return {"projection": self.projection, "threshold_decay": self.group["weight_decay"]}
+
     def state_dict(self):
-        return {"projected": self.projected}
+        return {"projected": self.projected, "projection": self.projection,
+                "decay": self.group["weight_decay"]}
 
     def load_state_dict(self, state) -> None:
+        self.projection = state.get("projection")
+        if "decay" in state:
+            self.group["weight_decay"] = state["decay"]
         if state["projected"] and not self.projected:
             self._bake(None)
             self.masking = True

@@ -105,6 +105,12 @@ class HAM(Optimizer):
         self._caps: dict[Tensor, Tensor] = {}
         self._steps: dict[Tensor, int] = {}
 
+    @property
+    def group_keys(self) -> tuple[str, str]:
+        """The param-group keys of HAM's alpha and beta: ``("alpha", "beta")``, or
+        ``("ham_alpha", "ham_beta")`` over an optimizer that uses those names itself (RMSprop)."""
+        return self._keys
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)

@@ -95,6 +95,9 @@ class MaskManager:
         self.mask_events: list[dict[str, Any]] = []
         self.phase: str | None = None
         self._inside = self._stepped = self._warned = False
+        #: Whether the last :meth:`step` was a topology-only iteration (RigL's reference update):
+        #: an LR scheduler that follows optimizer steps should not step after it.
+        self.topology_only = False
         optimizer.register_step_pre_hook(self._before_optimizer_step)
         optimizer.register_step_post_hook(self._after_optimizer_step)
         # Masks wait (see the module docstring) when the weights arrive sparse: one host read, here.
@@ -145,8 +148,9 @@ class MaskManager:
             self._pending = False
             self.apply_masks_()
         self.method.pre_step(self)
-        if not self.method.takes_optimizer_step(self):
-            return loss  # a topology-only iteration: pre_step installed the new masks
+        self.topology_only = not self.method.takes_optimizer_step(self)
+        if self.topology_only:
+            return loss  # pre_step installed the new masks; the optimizer does not step
         masking = self.masks is not None and self.method.masking
         if masking:
             self.mask_grads_()

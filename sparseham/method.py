@@ -181,6 +181,10 @@ class Method:
         """The weights the forward pass uses; their zeros define the achieved sparsity."""
         return manager.params
 
+    def summary(self) -> dict[str, Any]:
+        """What the method reports in ``final.json`` (``method_summary``), e.g. STR's projection."""
+        return {}
+
     def finalize(self, manager: MaskManager) -> None:
         """Called once at the end of training, e.g. to bake in an implicit mask."""
 

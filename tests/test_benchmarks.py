@@ -68,7 +68,8 @@ def test_gpu_quick(tmp_path, monkeypatch, capsys):
     assert report["failed"] == []
     assert set(report["results"]) == {"ham_step", "tracker", "rigl_update", "pipeline", "syncs"}
     syncs = report["results"]["syncs"]
-    assert syncs["steps_checked"] == 20 and syncs["update_steps_checked"] == 4
+    # 20 calls with updates every 5 optimizer steps; RigL's reference updates are iterations of their own.
+    assert syncs["steps_checked"] == 20 and syncs["update_steps_checked"] == 3
     assert syncs["mm_step_error"] is None
     if not torch.cuda.is_available():
         assert "No CUDA device" in capsys.readouterr().out

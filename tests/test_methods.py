@@ -307,6 +307,71 @@ def test_method_option_errors():
         MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), methods.get("rigl")(target=0.9))
 
 
+def test_str_initial_sparsity_at_s_init():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50()
+    latent = [m.weight.detach().clone() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    numel = sum(w.numel() for w in latent)
+    # By hand: the fraction of weights with |w| <= sigmoid(-5) = 0.00669.
+    expected = sum(int((w.abs() <= 1 / (1 + math.exp(5.0))).sum()) for w in latent) / numel
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4)
+    ours = MaskManager(model, opt, methods.get("str")(0.9, s_init=-5.0, mode="free"))
+    assert 0.15 < expected < 0.22 and ours.sparsity() == pytest.approx(expected, abs=1e-6)
+    model = torchvision.models.resnet50()
+    reference = MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                            methods.get("str")(0.9, mode="free"))  # s_init -3200: sigmoid(s) = 0
+    assert reference.method.s_init == -3200.0 and reference.sparsity() == 0.0
+
+
+def _hand_str(ham_threshold: bool, s_weight_decay=None):
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4, bias=False)
+    w0 = layer.weight.detach().clone()
+    opt = HAM(torch.optim.SGD(layer.parameters(), lr=0.1, weight_decay=0.01), alpha=2.0, beta=0.1, clamp=5.0)
+    str_ = methods.get("str")(0.5, s_init=-2.0, mode="free", ham_threshold=ham_threshold,
+                              s_weight_decay=s_weight_decay)
+    mm = MaskManager(layer, opt, str_)
+    return layer, opt, mm, w0
+
+
+@pytest.mark.parametrize("ham_threshold", [True, False])
+def test_str_matches_a_hand_rolled_loop_with_threshold_decay_and_ham(ham_threshold):
+    layer, opt, mm, w = _hand_str(ham_threshold)
+    s = torch.full((1, 1), -2.0)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(5):
+        # By hand: the loss through sign(w) relu(|w| - sigmoid(s)); SGD with weight decay 0.01 on
+        # w and s (the reference: s gets the weights' decay), then HAM's mirror step on w and,
+        # when ham_threshold, on s (shape (1, 1): the authors' wrapper mirrors it).
+        wr, sr = w.clone().requires_grad_(), s.clone().requires_grad_()
+        (torch.sign(wr) * torch.relu(wr.abs() - torch.sigmoid(sr)) @ x.T).square().mean().backward()
+        for t, g, mirror in ((w, wr.grad, True), (s, sr.grad, ham_threshold)):
+            half = t - 0.1 * (g + 0.01 * t)
+            if mirror:
+                half = half * torch.exp(torch.clamp(-0.1 * (2.0 * torch.sign(half) * g + 0.1), -5, 5))
+            t.copy_(half)
+        layer(x).square().mean().backward()
+        mm.step()
+        opt.zero_grad()
+    threshold = layer.parametrizations.weight[0].s.detach()
+    assert torch.allclose(threshold, s, atol=1e-6) and torch.allclose(mm.params[0].detach(), w, atol=1e-6)
+
+
+def test_str_threshold_decay_drives_sparsity():
+    sparsity = []
+    for decay in (0.0, 0.5):
+        layer, opt, mm, _ = _hand_str(False, s_weight_decay=decay)
+        x = torch.randn(32, 6, generator=torch.Generator().manual_seed(2))
+        for _ in range(60):
+            (layer(x) - x[:, :4]).square().mean().backward()
+            mm.step()
+            opt.zero_grad()
+        sparsity.append(mm.sparsity())
+    assert sparsity[1] > sparsity[0] + 0.1
+
+
 # -- GMP ----------------------------------------------------------------------------------------
 
 

@@ -40,3 +40,21 @@ def test_method_trains_to_the_exact_budget_of_its_distribution(name, ham, tmp_pa
         return
     counts = layer_counts({n: layer["shape"] for n, layer in layers.items()}, 0.9, CONFIGS[name])
     assert kept == counts
+
+
+@pytest.mark.parametrize("mode", ["free", "target"])
+def test_str_modes_through_the_app(mode, tmp_path):
+    sets = [*SETS, f"sparsity.str.mode={mode}", "sparsity.str.s_init=-4", "ham.enabled=true"]
+    assert run(load_config("configs/str.yaml", sets), tmp_path) == 0
+    final = json.loads((tmp_path / "final.json").read_text())
+    projection = final["method_summary"]["projection"]
+    numel = sum(layer["numel"] for layer in final["layers"].values())
+    zeros = sum(layer["sparsity"] * layer["numel"] for layer in final["layers"].values())
+    assert final["sparsity"] == pytest.approx(zeros / numel)
+    if mode == "free":  # the paper's STR: wherever the thresholds took it, no projection
+        assert projection is None and 0.0 < final["sparsity"] < 0.9
+        return
+    assert final["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    kept = round(0.1 * numel)
+    assert projection["step"] == 32 and projection["moved_fraction"] == projection["moved"] / kept
+    assert set(projection["densities_before"]) == set(projection["densities_after"]) == set(final["layers"])

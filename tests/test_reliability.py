@@ -139,7 +139,7 @@ CONFIG_ERRORS = {
     "unknown method": (
         CONFIG,
         ["sparsity.method=rigll"],
-        ["'rigll': unknown method; did you mean 'rigl'?", "known: acdc, dense, rigl"],
+        ["'rigll': unknown method; did you mean 'rigl'?", "known: acdc, dense, gmp, rigl"],
     ),
     "unknown dataset": (
         CONFIG,
@@ -392,9 +392,11 @@ def test_real_divergence_through_train_py_stops_with_status_1(tmp_path, capsys):
     sets = [*FAST, "optim.lr=1e30", "ham.enabled=false"]
     code, _, err = main(capsys, "--config", CONFIG, "--out", tmp_path / "run", *sets_argv(sets))
     assert code == 1
-    assert one_line_error(err).startswith("non-finite loss or gradient at step 2 (epoch 0.06): the last good")
+    # Iteration 1 only sets RigL's topology (its reference update), iteration 2 is the first
+    # optimizer step at lr 1e30, so iteration 3's loss is the first non-finite one.
+    assert one_line_error(err).startswith("non-finite loss or gradient at step 3 (epoch 0.12): the last good")
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -587,11 +589,12 @@ def revive_pruned_weight(mm):
 
 
 def corrupt_after(t, at, how):
-    original = t.mm.step
+    original, calls = t.mm.step, [0]
 
     def step(scaler=None):
         original(scaler)
-        if t.mm.step_count == at:
+        calls[0] += 1  # training iterations (RigL's first one only sets up the topology)
+        if calls[0] == at:
             how(t.mm)
 
     t.mm.step = step

@@ -144,6 +144,7 @@ def final_summary(trainer, results: dict[str, tuple[float, float]]) -> dict[str,
         "wall_time_s": trainer.logger.wall_time(),
         "method": cfg.sparsity.method,
         "distribution": mm.method.distribution,  # resolved: the method's default when null
+        "method_summary": mm.method.summary(),
         "ham": {
             "enabled": cfg.ham.enabled,
             "alpha": cfg.ham.alpha,

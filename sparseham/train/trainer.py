@@ -176,7 +176,8 @@ class Trainer:
         self.mm.step(scaler=self.scaler)
         if self.scaler:
             self.scaler.update()
-        self.sched.step()
+        if not self.mm.topology_only:  # the schedule follows optimizer steps, as in RigL's reference
+            self.sched.step()
         self.opt.zero_grad(set_to_none=True)
 
     def _nonfinite(self, losses) -> bool:
