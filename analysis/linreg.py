@@ -138,14 +138,14 @@ class Trace:
 
 def simulate(problem: Problem, runs: Sequence[tuple[float | None, float]], *, steps: int,
              beta: float = 0.0, sign: str = "half_step", tol: float | None = None,
-             ref: Tensor | None = None) -> Trace:
+             ref: Tensor | None = None, clamp: float | None = None) -> Trace:
     """Full-batch GD (``alpha=None``) or GD + HAM for each ``(alpha, lr)`` run, side by side.
 
     The runs are rows of one float64 buffer, so the gradients of all runs are one matmul; each
     run is its own param group of a real ``torch.optim.SGD`` (wrapped in ``sparseham.HAM`` when
-    alpha is a number), with the mirror step on the 1-D parameter (``min_ndim=1``), no norm cap and
-    a clamp that never binds here. ``tol``: stop once every residual is below it. ``ref``: one
-    reference point per run (default x*).
+    alpha is a number), with the mirror step on the 1-D parameter (``min_ndim=1``) and no norm cap;
+    ``clamp`` is HAM's (``None``: its default trust region). ``tol``: stop once every residual is
+    below it. ``ref``: one reference point per run (default x*).
     """
     Z, y = problem.Z, problem.y
     X = problem.x0.repeat(len(runs), 1)
@@ -158,8 +158,9 @@ def simulate(problem: Problem, runs: Sequence[tuple[float | None, float]], *, st
     hm = [{"params": [p], "lr": lr, "alpha": a} for p, (a, lr) in zip(params, runs) if a is not None]
     opts = [torch.optim.SGD(gd)] if gd else []
     if hm:
-        opts.append(sparseham.HAM(torch.optim.SGD(hm), beta=beta, sign=sign, clamp=50.0,
-                                  max_norm=None, min_ndim=1))
+        trust = {} if clamp is None else {"clamp": clamp}
+        opts.append(sparseham.HAM(torch.optim.SGD(hm), beta=beta, sign=sign, max_norm=None, min_ndim=1,
+                                  **trust))
     hist = torch.empty(3, steps + 1, len(runs), dtype=X.dtype)
     for t in range(steps + 1):
         R = X @ Z.T - y
@@ -246,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     brg = {0.0: x0 + np.linalg.lstsq(Z, y - Z @ x0, rcond=None)[0]}
     brg |= {a: bregman_projection(Z, y, x0, a) for a in ALPHAS}
     ref = torch.from_numpy(np.stack([brg[0.0 if a is None else a] for a, _ in runs]))
-    trace = simulate(problem, runs, steps=args.steps, tol=1e-10, ref=ref)
+    trace = simulate(problem, runs, steps=args.steps, tol=1e-10, ref=ref, clamp=50.0)  # the unclamped step
     rows = _rows(problem, trace, runs, brg)
     header = (f"# GD + HAM on least squares (seed {args.seed}, η={args.lr:g}, "
               f"{len(trace.loss) - 1} steps, x0 = {X0_SCALE:g}·1, β = 0)\n\n"

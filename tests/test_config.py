@@ -428,7 +428,7 @@ def test_every_field_has_help():
 
 def test_help_text():
     text = help_text()
-    for line in ("ham.alpha: float = 200.0", "ham.clamp: float = 5.0 (> 0)",
+    for line in ("ham.alpha: float = 200.0", "ham.clamp: float = 0.02 (> 0)",
                  "optim.grad_clip: float | null = null (> 0)", "optim.name: sgd|adam|adamw = sgd",
                  "optim.betas: [float, float] = [0.9, 0.999]", "data.synthetic.noise: float = 1.0",
                  "sparsity.cfgtoy.update_every: int = 100", "    steps between topology updates"):

@@ -36,11 +36,11 @@ def _reference_mirror(x_half, x_pre, g, lr, alpha, beta, clamp=5.0, sign="half_s
     return out
 
 
-def _run(make_opt, steps, lrs, alpha, beta, sign="half_step", ham_kwargs=None):
+def _run(make_opt, steps, lrs, alpha, beta, sign="half_step", ham_kwargs=None, clamp=5.0):
     """Run HAM and an independent reference side by side; return both parameter lists."""
     params = _params()
     ref = [p.detach().clone().requires_grad_(True) for p in params]
-    opt = HAM(make_opt(params), alpha, beta, sign=sign, max_norm=None, **(ham_kwargs or {}))
+    opt = HAM(make_opt(params), alpha, beta, sign=sign, max_norm=None, clamp=clamp, **(ham_kwargs or {}))
     base_ref = make_opt(ref)
     for k in range(steps):
         grads = _grads(params, seed=10 + k)
@@ -55,7 +55,7 @@ def _run(make_opt, steps, lrs, alpha, beta, sign="half_step", ham_kwargs=None):
         with torch.no_grad():
             for r, x0, g in zip(ref, pre, grads):
                 if r.ndim >= 2:
-                    r.copy_(_reference_mirror(r, x0, g, lrs[k], alpha, beta, sign=sign))
+                    r.copy_(_reference_mirror(r, x0, g, lrs[k], alpha, beta, clamp=clamp, sign=sign))
     return params, ref
 
 
@@ -68,9 +68,10 @@ def _run(make_opt, steps, lrs, alpha, beta, sign="half_step", ham_kwargs=None):
     ],
     ids=["sgd_momentum_wd", "adam"],
 )
-def test_matches_reference_formula(make_opt, sign):
+@pytest.mark.parametrize("clamp", [5.0, 0.02], ids=["authors_clamp", "default_clamp"])
+def test_matches_reference_formula(make_opt, sign, clamp):
     lrs = [0.1, 0.05, 0.02]  # a scheduled lr: the mirror step must use the current one
-    params, ref = _run(make_opt, 3, lrs, alpha=20.0, beta=0.5, sign=sign)
+    params, ref = _run(make_opt, 3, lrs, alpha=20.0, beta=0.5, sign=sign, clamp=clamp)
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-12, atol=1e-12)
     assert torch.all(params[0][0, :3] == 0), "exact zeros must stay zero"
@@ -82,7 +83,7 @@ def test_one_d_tensors_untouched():
     grads = _grads(params)
     for p, q, g in zip(params, plain, grads):
         p.grad, q.grad = g.clone(), g.clone()
-    HAM(torch.optim.SGD(params, lr=0.1), alpha=50.0, beta=1.0).step()
+    HAM(torch.optim.SGD(params, lr=0.1), alpha=50.0, beta=1.0, clamp=5.0).step()
     torch.optim.SGD(plain, lr=0.1).step()
     assert torch.equal(params[2], plain[2])
     assert not torch.equal(params[0], plain[0])
@@ -122,7 +123,7 @@ def test_alpha_beta_zero_equals_base_exactly():
 def test_per_group_alpha_beta():
     a, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2, 2))
     groups = [{"params": [a]}, {"params": [b], "alpha": 0.0, "beta": 0.0}]
-    opt = HAM(torch.optim.SGD(groups, lr=0.1), 10.0, 0.0)
+    opt = HAM(torch.optim.SGD(groups, lr=0.1), 10.0, 0.0, clamp=5.0)
     a.grad, b.grad = torch.ones(2, 2), torch.ones(2, 2)
     opt.step()
     assert torch.allclose(b, torch.full((2, 2), 0.9))
@@ -146,7 +147,7 @@ def test_shares_groups_state_and_works_with_schedulers():
 
 def test_add_param_group_reaches_base_and_gets_ham_keys():
     base = torch.optim.SGD([nn.Parameter(torch.ones(2, 2))], lr=0.1)
-    opt = HAM(base, alpha=7.0)
+    opt = HAM(base, alpha=7.0, clamp=5.0)
     extra = nn.Parameter(torch.ones(3, 3))
     opt.add_param_group({"params": [extra]})
     assert len(base.param_groups) == 2
@@ -184,7 +185,7 @@ def test_state_dict_round_trip_resumes_bit_identically():
 
 def test_step_hooks_run_around_the_whole_step():
     p = nn.Parameter(torch.ones(2, 2))
-    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=1.0, beta=0.0)
+    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=1.0, beta=0.0, clamp=5.0)
     seen = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", p.detach().clone())))
     opt.register_step_post_hook(lambda o, a, k: seen.append(("post", p.detach().clone())))
@@ -197,7 +198,7 @@ def test_step_hooks_run_around_the_whole_step():
 
 def test_rmsprop_alpha_key_does_not_clash():
     p = nn.Parameter(torch.ones(2, 2))
-    opt = HAM(torch.optim.RMSprop([p], lr=0.01, alpha=0.99), alpha=3.0)
+    opt = HAM(torch.optim.RMSprop([p], lr=0.01, alpha=0.99), alpha=3.0, clamp=5.0)
     assert opt.param_groups[0]["alpha"] == 0.99 and opt.param_groups[0]["ham_alpha"] == 3.0
     p.grad = torch.ones(2, 2)
     opt.step()
@@ -216,7 +217,7 @@ def test_custom_base_optimizer():
                     q.add_(q.grad.sign(), alpha=-group["lr"])
 
     p = nn.Parameter(torch.tensor([[2.0, -2.0]]))
-    opt = HAM(SignSGD([p], lr=0.5), alpha=1.0, beta=0.0)
+    opt = HAM(SignSGD([p], lr=0.5), alpha=1.0, beta=0.0, clamp=5.0)
     p.grad = torch.tensor([[1.0, 1.0]])
     opt.step()
     expected = torch.tensor([[1.5 * math.exp(-0.5), -2.5 * math.exp(0.5)]])
@@ -225,7 +226,7 @@ def test_custom_base_optimizer():
 
 def test_negative_alpha_flattens():
     p = nn.Parameter(torch.tensor([[1.0]]))
-    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=-2.0, beta=0.0)
+    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=-2.0, beta=0.0, clamp=5.0)
     p.grad = torch.tensor([[1.0]])
     opt.step()
     assert p.item() == pytest.approx(0.9 * math.exp(0.2))
@@ -243,30 +244,36 @@ def test_nonfinite_gradient_keeps_weight_finite():
         assert y[0][0, 1] == pytest.approx(-2.0 * math.exp(5.0))  # clamped exponent
 
 
-def test_max_norm_guards_overflow():
-    """The paper's alpha=200 with lr=0.05 overflows a small MLP without the guard."""
+def test_max_norm_guards_overflow_and_the_trust_region_prevents_it():
+    """The paper's alpha=200 with lr=0.05 overflows a small MLP with the authors' clamp of 5 unless the
+    norm cap guards it; the default trust region (clamp 0.02) keeps it finite with no cap at all."""
 
-    def train(max_norm):
+    def train(max_norm, clamp):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
-        opt = HAM(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), 200.0, 1e-3, max_norm=max_norm)
+        opt = HAM(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), 200.0, 1e-3, max_norm=max_norm,
+                  clamp=clamp)
         x, y = torch.randn(64, 20), torch.randint(0, 10, (64,))
         for _ in range(60):
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
             opt.step()
-        return [p for p in model.parameters() if p.ndim >= 2]
+        return [p for p in model.parameters() if p.ndim >= 2], loss.item()
 
-    unguarded = train(None)
+    unguarded, _ = train(None, 5.0)
     assert not all(torch.isfinite(p).all() for p in unguarded)
-    guarded = train(1000.0)
+    guarded, _ = train(1000.0, 5.0)
     assert all(torch.isfinite(p).all() for p in guarded)
     assert all(torch.linalg.vector_norm(p) <= 1000.0 * (1 + 1e-5) for p in guarded)
+    trusted, loss = train(None, 0.02)
+    assert all(torch.isfinite(p).all() and torch.linalg.vector_norm(p) < 100 for p in trusted)
+    assert loss < 1.0  # and it fits the batch (chance is ln 10 = 2.3)
 
 
 def test_grad_scaler_sees_unscaled_grads_and_skips_inf_steps():
     p = nn.Parameter(torch.tensor([[1.0, -1.0]]))
-    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=2.0, beta=0.0)
+    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=2.0, beta=0.0, clamp=5.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale((p * torch.tensor([[1.0, 2.0]])).sum()).backward()
     scaler.step(opt)
@@ -285,7 +292,7 @@ def test_grad_scaler_sees_unscaled_grads_and_skips_inf_steps():
 
 def test_gradient_accumulation_uses_the_accumulated_grad():
     p = nn.Parameter(torch.tensor([[1.0]]))
-    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=1.0, beta=0.0)
+    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=1.0, beta=0.0, clamp=5.0)
     for _ in range(3):
         (p.sum() * 0.5).backward()  # three micro-batches, grad 0.5 each
     opt.step()
@@ -354,7 +361,7 @@ def test_cuda_step_has_no_host_sync():
 
 def test_fused_follows_an_lr_schedule_without_failing():
     p = nn.Parameter(torch.ones(3, 3))
-    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=2.0, beta=0.0, fused=True)
+    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=2.0, beta=0.0, fused=True, clamp=5.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
     for _ in range(12):  # more distinct lrs than dynamo's recompile limit
         p.grad = torch.ones(3, 3)

@@ -46,7 +46,8 @@ def numpy_problem(problem):
 @pytest.fixture(scope="module")
 def limits(problem):
     """The GD + HAM iterate after convergence, per (alpha, eta) run."""
-    trace = simulate(problem, RUNS, steps=8000, tol=1e-11)
+    # The theory is about HAM's unclamped step: a trust region that never binds here.
+    trace = simulate(problem, RUNS, steps=8000, tol=1e-11, clamp=50.0)
     return {run: x.numpy() for run, x in zip(RUNS, trace.x)}
 
 
@@ -113,7 +114,7 @@ def _one_step_error(eta, alpha, beta, sign):
     grad = torch.randn(8, 8, generator=g, dtype=torch.float64)
     p = nn.Parameter(x.clone())
     p.grad = grad
-    sparseham.HAM(torch.optim.SGD([p], lr=eta), alpha, beta, sign=sign, max_norm=None).step()
+    sparseham.HAM(torch.optim.SGD([p], lr=eta), alpha, beta, sign=sign, max_norm=None, clamp=5.0).step()
     assert torch.equal(torch.sign(p.detach()), torch.sign(x))  # no sign crossing
     euler = x - eta * ((1 + alpha * x.abs()) * grad + beta * x)
     return (p.detach() - euler).abs().max().item()
@@ -150,3 +151,20 @@ def test_loss_never_above_gd(problem):
     for j in (1, 2):
         assert (loss[:, j] <= loss[:, 0] + 1e-12).all(), runs[j]
     assert loss[-1, 2] < 1e-3 * loss[-1, 0]
+
+
+def test_the_default_trust_region_keeps_the_direction_of_the_bias(problem, numpy_problem, limits):
+    """At HAM's default clamp (0.02) the clamp binds on this problem's early steps (eta * alpha * |g|
+    is up to ~0.5), so the limit is no longer the exact Bregman projection, but HAM still
+    interpolates and larger alpha still gives a smaller L1 norm (README, "HAM's implicit bias")."""
+    Z, y, _, _ = numpy_problem
+    trace = simulate(problem, RUNS, steps=8000, tol=1e-11)
+    clamped = {run: x.numpy() for run, x in zip(RUNS, trace.x)}
+    assert all(np.linalg.norm(Z @ x - y) < 1e-8 for x in clamped.values())
+    largest_eta = [max(RUNS, key=lambda r: (r[0] == a, r[1])) for a in ALPHAS]
+    l1 = [np.abs(clamped[run]).sum() for run in largest_eta]
+    assert all(b < a - 0.5 for a, b in zip(l1, l1[1:])), l1
+    # weaker than the unclamped bias: the L1 norms sit between GD's and the unclamped HAM's
+    unclamped = [np.abs(limits[run]).sum() for run in largest_eta]
+    assert all(u - 1e-6 <= c <= l1[0] + 1e-6 for u, c in zip(unclamped, l1)), (unclamped, l1)
+

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from sparseham import method as registry
@@ -42,3 +43,23 @@ def test_adding_a_method_snippet_registers_a_working_method():
     finally:
         registry._REGISTRY.clear()
         registry._REGISTRY.update(saved)
+
+
+@pytest.mark.slow
+def test_short_use_snippet_learns_fashion_mnist_in_one_epoch():
+    """Issue 11: the snippet as written (alpha 200, the default trust region) on the real data."""
+    from sparseham.data import build_data
+
+    data = build_data("fashion_mnist", root=str(Path(__file__).resolve().parents[1] / "data"), batch_size=128,
+                      seed=0)
+    torch.manual_seed(0)
+    scope = {"loader": data.train.epoch(0)}
+    exec(SNIPPETS[0], scope)
+    model, mm = scope["model"], scope["mm"]
+    correct = seen = 0
+    with torch.no_grad():
+        for x, y in data.test.epoch(0):
+            correct += int((model(x).argmax(1) == y).sum())
+            seen += len(y)
+    assert seen == 10_000 and correct / seen >= 0.80
+    assert abs(mm.sparsity() - 0.9) < 1e-3

@@ -133,7 +133,8 @@ class HamConfig(Section):
     beta: float = _f(1e-3, "HAM beta: constant shrinkage toward zero in the exponent")
     sign: Literal["half_step", "pre_step"] = _f(
         "half_step", "weight whose sign is used: after the base step (HYP*) or before it (HYP)")
-    clamp: float = _f(5.0, "bound on the magnitude of the exponent per step", gt=0)
+    clamp: float = _f(0.02, "trust region: bound on |exponent| per step (a weight changes by at most "
+                            "e^clamp); 0.02 from the HAM-robustness study, 5 = the authors' code", gt=0)
     max_norm: float | None = _f(
         1000.0, "rescale any parameter whose L2 norm exceeds this (as the official wrapper "
                 "does); null = off", gt=0)
