@@ -9,6 +9,10 @@ random weights and gradients, one process, repeats interleaved:
 - ``ham`` / ``ham_nocap``: the same SGD inside ``sparseham.HAM(foreach=True)``, with the default
   ``max_norm=1000`` and with ``max_norm=None`` (the norm cap is an extra pass);
 - ``ham_fused`` / ``ham_fused_nocap``: the same with ``fused=True`` (compile time reported apart);
+- ``ham_fused_nodiag`` / ``ham_fused_diag1``: ``fused=True`` with ``diagnostics=0`` (no clamp
+  count) and ``=1`` (a count every step); the default counts every 10th step, so the cost of
+  HAM's on-device diagnostics is (ham_fused - ham_fused_nodiag) / SGD (target <= 0.1), and
+  (ham_fused_diag1 - ham_fused_nodiag) / SGD on a counted step;
 - ``roofline``: one ``torch._foreach_add_(params, grads, alpha=1e-12)``, i.e. read two tensors and
   write one, the least a step that reads the gradient can do.
 
@@ -41,12 +45,14 @@ else:  # run as a script: benchmarks/ is on sys.path
     from _common import interleaved, machine, model_shapes, summarize
 
 LR, MOMENTUM, ALPHA, BETA = 0.01, 0.9, 200.0, 1e-3
-TARGETS = {"foreach": 2.0, "fused": 0.75}
+TARGETS = {"foreach": 2.0, "fused": 0.75, "diagnostics": 0.1}
 HAM_VARIANTS = {  # name: HAM keyword arguments
     "ham": {"foreach": True},
     "ham_nocap": {"foreach": True, "max_norm": None},
     "ham_fused": {"fused": True},
     "ham_fused_nocap": {"fused": True, "max_norm": None},
+    "ham_fused_nodiag": {"fused": True, "diagnostics": 0},
+    "ham_fused_diag1": {"fused": True, "diagnostics": 1},
 }
 
 
@@ -81,10 +87,12 @@ def _build(shapes: list[tuple[int, ...]], seed: int) -> tuple[dict, dict, dict[s
     fns = {name: opt.step for name, opt in opts.items()}
     fns["roofline"] = lambda: torch._foreach_add_(roof, grads, alpha=1e-12)
     compile_s = {}
-    for name in ("ham_fused", "ham_fused_nocap"):
+    for name in ("ham_fused", "ham_fused_nocap", "ham_fused_nodiag", "ham_fused_diag1"):
         t0 = time.perf_counter()
         opts[name].step()
         compile_s[name] = time.perf_counter() - t0
+        for _ in range(10):  # the counted-step graph (every 10th step by default) compiles too
+            opts[name].step()
     return fns, opts, compile_s
 
 
@@ -110,6 +118,10 @@ def bench(name: str, repeats: int, seed: int) -> dict:
         ratios[f"mirror/sgd {kind}"] = _ratio(samples, ham, "sgd", "sgd") | {"target": TARGETS[kind]}
         ratios[f"mirror/sgd {kind}, max_norm=None"] = _ratio(samples, nocap, "sgd", "sgd")
         ratios[f"mirror/roofline {kind}"] = _ratio(samples, ham, "sgd", "roofline")
+    ratios["diagnostics/sgd fused"] = _ratio(samples, "ham_fused", "ham_fused_nodiag", "sgd") | {
+        "target": TARGETS["diagnostics"]}
+    ratios["diagnostics/sgd fused, a counted step"] = _ratio(samples, "ham_fused_diag1", "ham_fused_nodiag",
+                                                             "sgd")
     state = {k: _state_size(opts[k]) for k in ("sgd", "ham", "ham_fused")}
     _print(name, len(shapes), numel, stats, ratios, compile_s, state)
     return {"shapes": name, "tensors": len(shapes), "numel": numel,

@@ -1,8 +1,8 @@
 """The kernels of the mirror step: a for-loop, a foreach and a fused (compiled) implementation.
 
 Each kernel updates the parameters in place and returns, per tensor, two device tensors for the
-diagnostics: how many entries' exponents reached the clamp, and whether the norm cap rescaled it
-(0 or 1). Nothing here reads a device value on the host.
+diagnostics: how many entries' exponents reached the clamp (with ``count``; else ``[]``), and
+whether the norm cap rescaled it (0 or 1). Nothing here reads a device value on the host.
 
 The fused kernel is one compiled pass per tensor (torch.compile; Triton on CUDA).
 ``torch.compile`` caches one graph per parameter layout (number, shapes, dtypes and devices of
@@ -23,14 +23,16 @@ __all__ = ["cap_norms_"]
 Counts = tuple[list[Tensor], list[Tensor]]  # (clamped entries, capped flag) per tensor
 
 
-def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp: float) -> list[Tensor]:
+def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp: float,
+              count: bool) -> list[Tensor]:
     hits = []
     for p, g, s in zip(params, grads, signs):
         e = torch.sign(s) * g * (-lr * alpha) - lr * beta
         # NaN -> 0 (the clamp handles +-inf); a where() compiles to a vector select, nan_to_num
         # to a scalar loop.
         e = torch.where(e == e, e, 0.0)
-        hits.append((e.abs() >= clamp).sum())  # a reduction in the same loop as the update
+        if count:
+            hits.append((e.abs() >= clamp).sum())  # a reduction in the same loop as the update
         p.mul_(torch.exp(torch.clamp(e, -clamp, clamp)))
     return hits
 
@@ -38,7 +40,7 @@ def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp:
 _compiled = None
 
 
-def _fused_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm) -> Counts:
+def _fused_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm, count=True) -> Counts:
     """Apply the mirror step to every tensor in one compiled call (see ``sparseham.ham``).
 
     The norm cap runs after it as the eager foreach ``cap_norms_``: compiled into the same graph,
@@ -47,11 +49,11 @@ def _fused_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm) -> Cou
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(_ham_pass, fullgraph=True, dynamic=None)
-    hits = _compiled(params, grads, signs, lr, float(alpha), float(beta), float(clamp))
+    hits = _compiled(params, grads, signs, lr, float(alpha), float(beta), float(clamp), count)
     return list(hits), _cap_grouped(params, max_norm)
 
 
-def _single_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm) -> Counts:
+def _single_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm, count=True) -> Counts:
     hits = []
     for p, g, s in zip(params, grads, signs):
         e = torch.sign(s).mul_(g).mul_(-lr * alpha)
@@ -59,13 +61,14 @@ def _single_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm
             e.sub_(lr * beta)
         # NaN (from a NaN gradient, or 0 * inf) means "no information": factor 1.
         e.nan_to_num_(nan=0.0).clamp_(-clamp, clamp)
-        hits.append(torch.count_nonzero(e.abs() >= clamp))
+        if count:
+            hits.append(torch.count_nonzero(e.abs() >= clamp))
         p.mul_(e.exp_())
     capped = [c for p in params for c in cap_norms_([p], max_norm)] if max_norm is not None else []
     return hits, capped
 
 
-def _multi_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm) -> Counts:
+def _multi_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm, count=True) -> Counts:
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, signs])
     order = {id(p): i for i, p in enumerate(params)}
     hits: list[Tensor | None] = [None] * len(params)
@@ -77,10 +80,11 @@ def _multi_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm)
             torch._foreach_add_(e, -lr * beta)
         for p, t in zip(dev_params, e):  # no foreach nan_to_num; one fused clamp per tensor in the loop
             t.nan_to_num_(nan=0.0).clamp_(-clamp, clamp)
-            hits[order[id(p)]] = torch.count_nonzero(t.abs() >= clamp)
+            if count:
+                hits[order[id(p)]] = torch.count_nonzero(t.abs() >= clamp)
         torch._foreach_exp_(e)
         torch._foreach_mul_(dev_params, e)
-    return hits, _cap_grouped(params, max_norm)
+    return (hits if count else []), _cap_grouped(params, max_norm)
 
 
 def _cap_grouped(params: list[Tensor], max_norm: float | None) -> list[Tensor]:

@@ -68,6 +68,10 @@ class HAM(Optimizer):
             are left alone).
         foreach: use the multi-tensor ``torch._foreach_*`` path (default when ``fused`` is off).
         fused: one compiled pass per tensor (``torch.compile``), compiled once per parameter layout.
+        diagnostics: every this many steps, count on the device the entries whose exponent
+            reaches the clamp (read with :meth:`diagnostics`, which reports the fraction over the
+            counted steps); ``0`` never counts. The count is a reduction over every weight, so
+            sampling 1 step in 10 keeps its cost near 0.05x an SGD step (benchmarks/ham_step.py).
 
     The exponent sees the raw gradient ``p.grad`` of the backward pass (not Adam's direction).
     Exact zeros stay zero, and a non-finite gradient leaves the weight as the base step left it.
@@ -88,6 +92,7 @@ class HAM(Optimizer):
         min_ndim: int = 2,
         foreach: bool | None = None,
         fused: bool | None = None,
+        diagnostics: int = 10,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"HAM wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -99,11 +104,14 @@ class HAM(Optimizer):
             raise ValueError(f"Invalid max_norm value: {max_norm}; must be > 0 or None")
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if isinstance(diagnostics, bool) or not isinstance(diagnostics, int) or diagnostics < 0:
+            raise ValueError(f"Invalid diagnostics value: {diagnostics!r}; an int >= 0 (count every N steps)")
         self.optimizer = optimizer
         clash = {"alpha", "beta"} & set(optimizer.defaults)
         self._keys = ("ham_alpha", "ham_beta") if clash else ("alpha", "beta")
         self.sign, self.clamp, self.max_norm, self.min_ndim = sign, float(clamp), max_norm, min_ndim
-        self.foreach, self.fused = foreach, fused
+        self.foreach, self.fused, self.diagnostics_every = foreach, fused, diagnostics
+        self._calls = 0  # host-side: which steps count the clamped entries
         # The base's defaults too: schedulers such as OneCycleLR and CyclicLR look for
         # "momentum" or "betas" there.
         defaults = {**optimizer.defaults, self._keys[0]: float(alpha), self._keys[1]: float(beta)}
@@ -117,6 +125,7 @@ class HAM(Optimizer):
         self._hits: dict[Tensor, Tensor] = {}
         self._caps: dict[Tensor, Tensor] = {}
         self._steps: dict[Tensor, int] = {}
+        self._counted: dict[Tensor, int] = {}
 
     @property
     def group_keys(self) -> tuple[str, str]:
@@ -154,6 +163,8 @@ class HAM(Optimizer):
         else:
             loss = self.optimizer.step(closure)
         key_a, key_b = self._keys
+        every, self._calls = self.diagnostics_every, self._calls + 1
+        count = every > 0 and self._calls % every == 0
         for i, group in enumerate(self.param_groups):
             alpha, beta = group[key_a], group[key_b]
             if alpha == 0 and beta == 0:
@@ -174,6 +185,7 @@ class HAM(Optimizer):
                 max_norm=self.max_norm,
                 foreach=self.foreach,
                 fused=self.fused,
+                count=count,
             )
             self._count(stepped, hits, caps)
         return loss
@@ -184,7 +196,10 @@ class HAM(Optimizer):
                 self._hits[p] = torch.zeros((), dtype=torch.int64, device=p.device)
                 self._caps[p] = torch.zeros((), dtype=torch.int64, device=p.device)
             self._steps[p] = self._steps.get(p, 0) + 1
-        torch._foreach_add_([self._hits[p] for p in params], hits)
+        if hits:
+            torch._foreach_add_([self._hits[p] for p in params], hits)
+            for p in params:
+                self._counted[p] = self._counted.get(p, 0) + 1
         if caps:
             torch._foreach_add_([self._caps[p] for p in params], caps)
 
@@ -196,9 +211,10 @@ class HAM(Optimizer):
             reset: start counting anew after this read.
 
         Returns:
-            ``clamped_fraction``: the fraction of mirrored entries, over all steps since the last
-            read, whose exponent reached ``±clamp`` (the trust region was active), with its
-            numerator ``clamped`` and denominator ``entries``;
+            ``clamped_fraction``: the fraction of mirrored entries, over the counted steps since
+            the last read (every ``diagnostics``-th), whose exponent reached ``±clamp`` (the
+            trust region was active), with its numerator ``clamped`` and denominator ``entries``
+            (0 when no step was counted);
             ``capped``: how many times the norm cap rescaled a tensor; ``steps``: the most mirror
             steps any tensor took; ``layers``: ``{name: {"clamped_fraction", "capped"}}``.
         """
@@ -213,14 +229,16 @@ class HAM(Optimizer):
         counts = torch.stack([torch.stack([self._hits[p], self._caps[p]]).to(home) for p in params]).tolist()
         layers, hit_total, entries = {}, 0, 0
         for p, (hits, caps) in zip(params, counts):
-            seen = self._steps[p] * p.numel()
-            layers[names.get(p, str(len(layers)))] = {"clamped_fraction": hits / seen, "capped": caps}
+            seen = self._counted.get(p, 0) * p.numel()
+            layers[names.get(p, str(len(layers)))] = {"clamped_fraction": hits / seen if seen else 0.0,
+                                                       "capped": caps}
             hit_total, entries = hit_total + hits, entries + seen
-        out = {"clamped_fraction": hit_total / entries, "clamped": hit_total, "entries": entries,
+        out = {"clamped_fraction": hit_total / entries if entries else 0.0, "clamped": hit_total,
+               "entries": entries,
                "capped": sum(c for _, c in counts),
                "steps": max(self._steps.values()), "layers": layers}
         if reset:
-            self._hits, self._caps, self._steps = {}, {}, {}
+            self._hits, self._caps, self._steps, self._counted = {}, {}, {}, {}
         return out
 
 
@@ -236,6 +254,7 @@ def ham(
     max_norm: float | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
+    count: bool = True,
 ) -> tuple[list[Tensor], list[Tensor]]:
     r"""Functional mirror step, in place: ``p *= exp(clamp(-lr*(alpha*sign(s)*g + beta), -c, c))``.
 
@@ -245,6 +264,7 @@ def ham(
         signs: the tensors whose sign is used (``None``: ``params`` themselves, HYP*).
         lr, alpha, beta, clamp, max_norm: see :class:`HAM`.
         foreach, fused: implementation choice; the default is foreach.
+        count: also count the entries whose exponent reaches the clamp.
 
     Returns:
         Per tensor, on its device: the number of entries whose exponent reached the clamp, and
@@ -254,7 +274,7 @@ def ham(
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if signs is None:
         signs = params
-    hyper = {"lr": lr, "alpha": alpha, "beta": beta, "clamp": clamp, "max_norm": max_norm}
+    hyper = {"lr": lr, "alpha": alpha, "beta": beta, "clamp": clamp, "max_norm": max_norm, "count": count}
     if fused:
         return _fused_ham(params, grads, signs, **hyper)
     if foreach is False:

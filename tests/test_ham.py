@@ -317,6 +317,9 @@ def test_half_step_allocates_no_persistent_state():
         "min_ndim",
         "foreach",
         "fused",
+        "diagnostics_every",
+        "_calls",
+        "_counted",
         "_hits",
         "_caps",
         "_steps",
@@ -381,7 +384,8 @@ def test_norm_cap_does_not_spread_a_nan():
 def test_diagnostics_count_clamped_entries_and_caps(impl):
     p = nn.Parameter(torch.ones(2, 5))
     bias = nn.Parameter(torch.zeros(5))  # 1-D: never mirrored, never counted
-    opt = HAM(torch.optim.SGD([p, bias], lr=0.1), alpha=10.0, beta=0.0, clamp=0.5, max_norm=3.0, **impl)
+    opt = HAM(torch.optim.SGD([p, bias], lr=0.1), alpha=10.0, beta=0.0, clamp=0.5, max_norm=3.0, diagnostics=1,
+              **impl)
     # lr * alpha * |g| is 1.0 on the first row (beyond the clamp 0.5) and 0.1 on the second.
     grad = torch.tensor([[1.0] * 5, [0.1] * 5])
     for _ in range(2):
@@ -407,10 +411,26 @@ def test_diagnostics_count_clamped_entries_and_caps(impl):
 
 def test_diagnostics_fraction_on_a_mixed_tensor():
     p = nn.Parameter(torch.ones(2, 5))
-    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=10.0, beta=0.0, clamp=0.5, max_norm=None)
+    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=10.0, beta=0.0, clamp=0.5, max_norm=None, diagnostics=1)
     p.grad = torch.tensor([[-1.0] * 5, [-0.1] * 5])  # exponents +1.0 (clamped) and +0.1
     opt.step()
     diag = opt.diagnostics()
     assert diag["clamped_fraction"] == 0.5 and diag["capped"] == 0
     expected = torch.tensor([[1.1 * math.exp(0.5)] * 5, [1.01 * math.exp(0.1)] * 5])
     assert torch.allclose(p.detach(), expected)
+
+
+def test_diagnostics_count_every_nth_step():
+    p = nn.Parameter(torch.ones(2, 5))
+    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=10.0, beta=0.0, clamp=0.5, max_norm=None, diagnostics=4)
+    for _ in range(9):  # calls 4 and 8 count
+        p.grad = torch.tensor([[-1.0] * 5, [-0.1] * 5])
+        opt.step()
+    diag = opt.diagnostics()
+    assert (diag["steps"], diag["clamped"], diag["entries"], diag["clamped_fraction"]) == (9, 10, 20, 0.5)
+    off = HAM(torch.optim.SGD([p], lr=0.1), diagnostics=0)
+    p.grad = torch.ones(2, 5)
+    off.step()
+    assert off.diagnostics()["entries"] == 0
+    with pytest.raises(ValueError, match=r"Invalid diagnostics value: True; an int >= 0"):
+        HAM(torch.optim.SGD([p], lr=0.1), diagnostics=True)

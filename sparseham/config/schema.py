@@ -141,6 +141,8 @@ class HamConfig(Section):
     min_ndim: int = _f(2, "only parameters with at least this many dimensions get the mirror "
                           "step", ge=1)
     fused: bool = _f(False, "use the single-pass fused kernel (torch.compile or Triton)")
+    diagnostics: int = _f(10, "count the entries at the clamp every N steps (at most logging.log_every); "
+                              "0 = never", ge=0)
 
 
 @dataclass

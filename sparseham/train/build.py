@@ -81,6 +81,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         max_norm=h.max_norm,
         min_ndim=h.min_ndim,
         fused=h.fused or None,
+        # at least one counted step in every log interval
+        diagnostics=min(h.diagnostics, cfg.logging.log_every),
     )
 
 

@@ -64,7 +64,7 @@ class TrainingHealth:
             return None
         saturated = capped = clamping = False
         if diag is not None and diag["steps"]:
-            fraction = diag["clamped_fraction"]
+            fraction = diag["clamped_fraction"]  # over the counted steps; 0 when none was counted
             saturated, capped = fraction > SATURATED, diag["capped"] > 0
             clamping = fraction > CLAMPING
             self.saturated_in_a_row = self.saturated_in_a_row + 1 if saturated else 0

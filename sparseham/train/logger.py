@@ -136,7 +136,7 @@ class RunLogger:
     def _health(self, step: int, rec: dict[str, Any]) -> None:
         diag, warning = self.health.update(rec["loss"])
         if diag is not None:
-            fraction = diag["clamped_fraction"] if diag["steps"] else None  # every step skipped
+            fraction = diag["clamped_fraction"] if diag["entries"] else None  # no counted step
             rec["ham"] = {"clamped_fraction": fraction, "capped": diag["capped"]}
             if self.tb and fraction is not None:
                 self.tb.add_scalar("ham/clamped_fraction", diag["clamped_fraction"], step)
