@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,8 +59,15 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Library warnings (RigL that never updates, a direct optimizer step) read like the run's own
+    # warnings: one line on stdout, so stderr stays for the one-line errors.
+    print(f"warning: {message}", flush=True)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``sparseham train``; returns the exit status."""
+    warnings.showwarning = _one_line_warning
     from sparseham.config import ConfigError, dump_config, help_text, load_config
     from sparseham.data import DataError
     from sparseham.masks import MaskInvariantError

@@ -384,8 +384,8 @@ def test_norm_cap_does_not_spread_a_nan():
 def test_diagnostics_count_clamped_entries_and_caps(impl):
     p = nn.Parameter(torch.ones(2, 5))
     bias = nn.Parameter(torch.zeros(5))  # 1-D: never mirrored, never counted
-    opt = HAM(torch.optim.SGD([p, bias], lr=0.1), alpha=10.0, beta=0.0, clamp=0.5, max_norm=3.0, diagnostics=1,
-              **impl)
+    opt = HAM(torch.optim.SGD([p, bias], lr=0.1), alpha=10.0, beta=0.0, clamp=0.5, max_norm=3.0,
+              diagnostics=1, **impl)
     # lr * alpha * |g| is 1.0 on the first row (beyond the clamp 0.5) and 0.1 on the second.
     grad = torch.tensor([[1.0] * 5, [0.1] * 5])
     for _ in range(2):

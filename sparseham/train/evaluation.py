@@ -19,8 +19,8 @@ def evaluate(model: nn.Module, loaders: dict, device: torch.device, amp: torch.d
     model.eval()
     out = {}
     for split, loader in loaders.items():
-        if loader is None:
-            continue
+        if loader is None or loader.num_samples == 0:
+            continue  # an empty split has no loss and no accuracy
         loss = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         for x, y in loader.epoch(0):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,18 +31,28 @@ __all__ = ["RunLogger", "JsonlWriter", "truncate_jsonl"]
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records after ``step`` (and a torn last line): a resumed run rewrites them."""
+    """Drop records after ``step`` (and torn or foreign lines): a resumed run rewrites them.
+
+    The kept records go to a new file that then replaces the old one atomically, so a write that
+    fails half-way (a full disk) leaves the whole history in place.
+    """
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("step", 0) <= step:
+        at = record.get("step", 0) if isinstance(record, dict) else None
+        if isinstance(at, (int, float)) and not isinstance(at, bool) and at <= step:
             kept.append(line)
-    path.write_text("".join(f"{line}\n" for line in kept))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(f"{line}\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class JsonlWriter:

@@ -1,11 +1,16 @@
-"""The run directory: refuse to mix runs, skip finished ones, reconcile and write ``final.json``.
+"""The run directory: one process at a time, refuse to mix runs, skip finished ones, reconcile and
+write ``final.json``.
 
-Files that decide what a re-run does (``config.yaml``, ``final.json``) are written atomically, so a
-kill while writing them leaves the old file or none, never a torn one.
+Rank 0 holds an exclusive ``fcntl.flock`` on ``RUN/.lock`` for the whole run: a second process on
+the same directory stops with exit status 2 and the holder's PID, and a lock left by a killed
+process never blocks, because the kernel drops it with the process. Files that decide what a
+re-run does (``config.yaml``, ``final.json``) are written atomically, so a kill while writing them
+leaves the old file or none, never a torn one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -16,16 +21,25 @@ import yaml
 from sparseham.config import Config, ConfigError, config_to_dict
 from sparseham.masks import MaskInvariantError
 
-__all__ = ["prepare_run_dir", "final_summary", "check_final_sparsity", "write_atomic", "RunDirError"]
+__all__ = ["prepare_run_dir", "final_summary", "check_final_sparsity", "write_atomic", "RunDirError",
+           "RunLock", "config_difference", "RESUMABLE"]
 
-# Keys that may change between invocations of the same run without changing the run. A run stopped
-# by a non-finite loss is resumed with train.on_nonfinite=skip, as the stop message suggests.
-_IGNORED = {
+# Keys that may change between invocations of the same run without changing the run: where it is
+# written and logged, how it is checkpointed, on which device and with how many loader workers,
+# and how long it trains (to extend it). A run stopped by a non-finite loss is resumed with
+# train.on_nonfinite=skip, as the stop message suggests.
+RESUMABLE = {
     ("experiment", "out_dir"),
-    ("checkpoint", "resume"),
-    ("logging", "progress"),
+    ("experiment", "name"),
+    ("checkpoint",),
+    ("logging",),
     ("data", "num_workers"),
+    ("data", "root"),
     ("train", "on_nonfinite"),
+    ("train", "device"),
+    ("train", "epochs"),
+    ("train", "max_steps"),
+    ("train", "eval_every"),
 }
 # How far a method may end from its target: STR's projection rounds, and in dense training the
 # zeros are weights that happen to be exactly 0. Masking methods are held to exact counts anyway.
@@ -36,12 +50,14 @@ class RunDirError(ConfigError):
     """``--out`` points at a directory that holds a different run."""
 
 
-def _first_difference(old: Any, new: Any, path: tuple = ()) -> str | None:
+def config_difference(old: Any, new: Any, path: tuple = ()) -> str | None:
+    """The first key where two resolved configs differ, outside :data:`RESUMABLE`, as
+    ``"key: OLD there, NEW now"``; ``None`` when they describe the same run."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new), key=str):
-            if path + (key,) in _IGNORED:
+            if path + (key,) in RESUMABLE:
                 continue
-            diff = _first_difference(old.get(key), new.get(key), path + (key,))
+            diff = config_difference(old.get(key), new.get(key), path + (key,))
             if diff:
                 return diff
         return None
@@ -73,7 +89,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, force: bool = False) -> bool:
             old = yaml.safe_load(saved.read_text()) or {}
         except yaml.YAMLError:
             old = {}
-        diff = _first_difference(old, config_to_dict(cfg))
+        diff = config_difference(old, config_to_dict(cfg))
         if diff and not force:
             raise RunDirError(
                 f"{run_dir} holds a run with a different config ({diff}); "
@@ -89,6 +105,35 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, force: bool = False) -> bool:
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     return True
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``RUN/.lock``, held until :meth:`release` or process exit.
+
+    Raises:
+        RunDirError: another live process holds it (the message names its PID).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / self.NAME
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise RunDirError(f"{run_dir} is in use by another training process (PID {holder}); "
+                              "wait for it to finish, or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
 
 
 def check_final_sparsity(manager) -> float:

@@ -10,7 +10,9 @@ evaluation and checkpoint intervals.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -32,7 +34,15 @@ from sparseham.train.build import (
 from sparseham.train.distributed import broadcast_masks_, check_ranks_agree, init_distributed, wrap_model
 from sparseham.train.evaluation import evaluate
 from sparseham.train.logger import RunLogger
-from sparseham.train.run_dir import check_final_sparsity, final_summary, prepare_run_dir, write_atomic
+from sparseham.train.run_dir import (
+    RunDirError,
+    RunLock,
+    check_final_sparsity,
+    config_difference,
+    final_summary,
+    prepare_run_dir,
+    write_atomic,
+)
 
 __all__ = ["run", "Trainer", "TrainingStopped"]
 
@@ -58,6 +68,10 @@ class Trainer:
         random.seed(cfg.experiment.seed)
         self.data, self.model = build_data_and_model(cfg, self.dist, self.device)
         self.accum = cfg.train.grad_accum
+        for split in ("train", "test"):  # fail before training, not at the first evaluation after it
+            if getattr(self.data, split).num_samples == 0:
+                raise ValueError(f"the {split} split of {cfg.data.dataset} is empty; check data.root and "
+                                 "the data set's files (and data.synthetic sizes)")
         self.steps_per_epoch = len(self.data.train) // self.accum
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -115,6 +129,7 @@ class Trainer:
                 print(f"warning: skipped a damaged checkpoint, falling back: {problem}", flush=True)
         else:
             path, state = Path(where), ckpt.load_checkpoint(where, map_location=self.device)
+        self._check_resumable(path, state)
         self.mm.load_state_dict(state["manager"])  # first: a method may reshape the model (STR)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
@@ -127,10 +142,25 @@ class Trainer:
         print(f"resumed from {path} at step {self.step}", flush=True)
         return self.step
 
+    def _check_resumable(self, path: Path, state: dict) -> None:
+        """Refuse a checkpoint of another run, or one whose step does not fit this run."""
+        diff = config_difference(state.get("config"), config_to_dict(self.cfg))
+        if diff:
+            raise RunDirError(
+                f"{path} was saved by a run with another config ({diff}); only the same run resumes "
+                "(keys allowed to differ: train.epochs/max_steps/device/eval_every/on_nonfinite, "
+                "data.root/num_workers, logging, checkpoint): fix the config, or choose another --out")
+        step = state.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= self.total:
+            raise RunDirError(f"{path}: step {step!r} is outside this run's 0..{self.total} steps; "
+                              "the checkpoint is not this run's")
+
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
         self._logger_state = None
         start = self.resume()
+        if self.dist.is_main:  # after resume() accepted the checkpoint: a refused run relabels nothing
+            write_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
         self.logger = RunLogger(self.run_dir, self.mm, self.cfg, total_steps=self.total, start_step=start,
                                 steps_per_epoch=self.steps_per_epoch, enabled=self.dist.is_main)
         if self._logger_state:
@@ -272,12 +302,34 @@ class Trainer:
 
 
 def run(cfg: Config, run_dir: Path, *, force: bool = False) -> int:
-    """Train ``cfg`` into ``run_dir``; returns the process exit status."""
-    if not prepare_run_dir(run_dir, cfg, force=force):
-        return 0
-    trainer = Trainer(cfg, run_dir)
-    if trainer.dist.is_main:
-        write_atomic(run_dir / "config.yaml", dump_config(cfg))
+    """Train ``cfg`` into ``run_dir``; returns the process exit status.
+
+    Rank 0 holds the run directory's lock throughout (:class:`~sparseham.train.run_dir.RunLock`).
+    A directory this call created is removed again when set-up fails before training starts, so
+    a bad dataset or model leaves nothing behind.
+    """
+    main = int(os.environ.get("RANK", "0")) == 0
+    created = not run_dir.exists()
+    lock = RunLock(run_dir) if main else None
+    try:
+        if not prepare_run_dir(run_dir, cfg, force=force):
+            return 0
+        if lock is not None and not lock.path.exists():  # --force moved the old run, lock and all, aside
+            lock.release()
+            lock = RunLock(run_dir)
+        try:
+            trainer = Trainer(cfg, run_dir)
+        except BaseException:
+            if created and main and {p.name for p in run_dir.iterdir()} <= {RunLock.NAME}:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        return _train(trainer, cfg, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(trainer: Trainer, cfg: Config, run_dir: Path) -> int:
     try:
         trainer.train()
     except TrainingStopped as stop:
