@@ -268,7 +268,8 @@ def write_report(runs: list[Path], out: Path, top_k: int = 8) -> Path:
     """
     if top_k < 1 or not runs:
         raise ValueError(f"--top-k must be >= 1 and runs given, got top_k={top_k}, {len(runs)} runs")
-    loaded = [load_run(p) for p in runs]
+    unique = list({Path(p).resolve(): Path(p) for p in reversed(runs)}.values())[::-1]  # a run given twice
+    loaded = [load_run(p) for p in unique]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = _labels([r.path for r in loaded])

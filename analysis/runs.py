@@ -109,7 +109,28 @@ def load_run(path: Path | str, *, require_flips: bool = True) -> Run:
         raise RunError(f"{path}: no sign-flip data (signflips.jsonl is missing or empty)")
     if (path / "final.json").is_file():
         run.final = _mapping(path / "final.json", json.loads)
+        wrong = [k for k in ("test_acc", "sparsity", "steps", "epochs", "wall_time_s")
+                 if run.final.get(k) is not None and not _is_number(run.final[k])]
+        if wrong:
+            raise RunError(f"{path / 'final.json'}: '{wrong[0]}' is {type(run.final[wrong[0]]).__name__}, "
+                           "expected a number; the file is damaged, re-run the same command to rewrite it")
+    # Records without an epoch (hand-edited, or from another tool) get it from their step.
+    per_epoch = next((m.get("steps_per_epoch") for m in run.metrics if m.get("event") == "start"), None)
+    run.metrics = [m for m in run.metrics if _placed(m, per_epoch)]
     return run
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _placed(record: dict, per_epoch) -> bool:
+    """Give ``record`` an epoch from its step when it lacks one; False when it has neither."""
+    if record.get("event") in ("train", "eval", "sparsity", "mask") and not _is_number(record.get("epoch")):
+        if not (_is_number(record.get("step")) and _is_number(per_epoch) and per_epoch):
+            return False
+        record["epoch"] = record["step"] / per_epoch
+    return True
 
 
 @dataclass

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -42,13 +43,18 @@ import yaml
 
 from sparseham.analysis import cells, results, runs
 from sparseham.config import ConfigError, config_to_dict, load_config
+from sparseham.config.fields import show
 from sparseham.config.shipped import resolve_config
+from sparseham.config.strict_yaml import load_yaml
 
 __all__ = [
     "Cell", "Sweep", "SweepError", "cell_names", "expand", "load_sweep",
     "main", "plan", "run_sweep", "train_command",
 ]
 
+
+
+MAX_CELLS = 20_000
 
 
 class SweepError(ValueError):
@@ -81,8 +87,10 @@ class Sweep:
 
 def _read_spec(path: Path) -> dict:
     try:
-        spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+        spec = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SweepError(f"{path}: not a sweep file (not UTF-8 text)") from None
+    except (OSError, yaml.YAMLError, ValueError, RecursionError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SweepError(f"{path}: cannot read the sweep file ({reason})") from None
     if not isinstance(spec, dict):
@@ -94,7 +102,10 @@ def _read_spec(path: Path) -> dict:
         if spec.get(key) in (None, "", [], {}):
             raise SweepError(f"{path}: missing key '{key}' (required: config, out, grid)")
     if not isinstance(spec.get("set") or {}, dict):
-        raise SweepError(f"{path}: 'set' must map dotted keys to values, got {spec['set']!r}")
+        raise SweepError(f"{path}: 'set' must map dotted keys to values, got {show(spec['set'])}")
+    for key in ("config", "out"):
+        if not isinstance(spec[key], str):
+            raise SweepError(f"{path}: '{key}' must be one path, got {show(spec[key])}")
     return spec
 
 
@@ -103,6 +114,8 @@ def _check_grid(path: Path, grid: object) -> dict:
         raise SweepError(f"{path}: 'grid' must map dotted keys to lists of values "
                          f"(or be a list of such mappings); got {grid!r}")
     for key, values in grid.items():
+        if not isinstance(key, str) or not key.strip() or not all(key.split(".")):
+            raise SweepError(f"{path}: grid key {show(key)} is not a dotted config key like ham.alpha")
         if not isinstance(values, list) or not values:
             raise SweepError(f"{path}: grid value of '{key}' must be a non-empty list, "
                              f"got {values!r}; write [{values}] for a single value")
@@ -120,8 +133,12 @@ def load_sweep(path: Path | str) -> Sweep:
     config = (path.parent / str(spec["config"])).resolve()
     if not config.is_file():
         raise SweepError(f"{path}: config '{spec['config']}' not found (looked at {config})")
-    grids = spec["grid"] if isinstance(spec["grid"], list) else [spec["grid"]]
-    combos = expand([_check_grid(path, g) for g in grids])
+    raw = spec["grid"] if isinstance(spec["grid"], list) else [spec["grid"]]
+    grids = [_check_grid(path, g) for g in raw]
+    size = sum(math.prod(len(v) for v in g.values()) for g in grids)
+    if size > MAX_CELLS:
+        raise SweepError(f"{path}: the grid has {size:,} cells, more than {MAX_CELLS:,}; split the sweep")
+    combos = expand(grids)
     out = Path(str(spec["out"])).resolve()
     fixed = spec.get("set") or {}
     cells = [Cell(name, config, {**fixed, **combo}, out / name)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -142,8 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sparseham: unknown command {command!r}{suggest(command, list(_COMMANDS))}; "
               f"choose one of {', '.join(_COMMANDS)}", file=sys.stderr)
         return 2
-    if command == "train":
-        return train_main(rest)
-    if command == "configs":
-        return _configs_main(rest)
-    return importlib.import_module(_COMMANDS[command][0]).main(rest)
+    try:
+        if command == "train":
+            return train_main(rest)
+        if command == "configs":
+            return _configs_main(rest)
+        return importlib.import_module(_COMMANDS[command][0]).main(rest)
+    except BrokenPipeError:  # `sparseham ... | head`: the reader left; exit as a SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:  # Ctrl-C before training installed its own handler
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT

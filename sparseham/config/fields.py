@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -17,6 +18,11 @@ from dataclasses import MISSING
 from typing import Any, Literal
 
 from sparseham import method as _method
+
+FLOAT32_MAX = 3.4028234663852886e38
+_SHORT = reprlib.Repr()  # Python 3.11 takes no keyword arguments here
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 60, 60, 60
+_SHORT.maxdict = _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = 6
 
 __all__ = [
     "ConfigError", "FieldError", "Section", "coerce_field", "describe", "field", "hints",
@@ -59,7 +65,7 @@ def show(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
     try:
-        text = repr(value)
+        text = _SHORT.repr(value)  # bounded: never walks more than a few levels and items
     except ValueError:  # ints beyond Python's digit limit refuse repr
         return f"<{type(value).__name__} too long to show>"
     return text if len(text) <= 80 else text[:77] + "..."
@@ -67,6 +73,10 @@ def show(value: Any) -> str:
 
 class _Mismatch(Exception):
     """The value does not fit the annotated type."""
+
+
+class _OutOfRange(_Mismatch):
+    """The value has the right type but cannot be used; the message says why."""
 
 
 def _is_union(tp: Any) -> bool:
@@ -100,6 +110,8 @@ def _to_float(value: Any) -> float:
         raise _Mismatch from None
     if not math.isfinite(number):
         raise _Mismatch
+    if abs(number) > FLOAT32_MAX:
+        raise _OutOfRange("outside float32's range (|x| <= 3.4e38), where training computes")
     return number
 
 
@@ -195,6 +207,8 @@ def coerce_field(key: str, value: Any, tp: Any) -> Any:
     """
     try:
         return _coerce(value, tp)
+    except _OutOfRange as e:
+        raise FieldError.bad(key, value, str(e)) from None
     except _Mismatch:
         reason = f"expected {describe(tp)}{_choices_hint(value, tp)}"
         raise FieldError.bad(key, value, reason) from None

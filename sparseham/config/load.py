@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from sparseham import method as _method
 from sparseham.config.fields import ConfigError, FieldError, Section, coerce_field, hints, show
 from sparseham.config.schema import Config, SparsityConfig, help_text
 from sparseham.config.shipped import resolve_config, shipped_configs
+from sparseham.config.strict_yaml import load_yaml
 
 __all__ = [
     "ConfigError", "Config", "load_config", "config_from_dict", "parse_override",
@@ -31,6 +33,7 @@ __all__ = [
 ]
 
 _SET = "--set"
+MAX_BASE_DEPTH = 32
 # PyYAML raises ValueError for impossible dates such as 2020-13-01 and for ints longer than
 # Python's digit limit, so those count as malformed YAML as well.
 _YAML_ERRORS = (yaml.YAMLError, ValueError, OverflowError, RecursionError)
@@ -73,7 +76,11 @@ def _yaml_problem(error: Exception) -> str:
     problem = getattr(error, "problem", None)
     if mark is not None and problem:
         return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
-    return f"invalid YAML: {error}"
+    if isinstance(error, RecursionError):
+        return "invalid YAML: nested too deeply"
+    # Never the error's own text: PyYAML quotes the offending line, and the file may not be YAML
+    # at all (``base: /etc/shadow``).
+    return f"invalid YAML ({type(error).__name__})"
 
 
 def _top_level(data: Any, source: str) -> Mapping:
@@ -94,7 +101,7 @@ def _read_yaml(path: Path) -> Mapping:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the file ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except _YAML_ERRORS as e:
         raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
     return _top_level(data, str(path))
@@ -105,6 +112,9 @@ def _load_file(path: Path, chain: tuple[tuple[Path, str], ...], origins: _Origin
     real, names = path.resolve(), [*(name for _, name in chain), str(path)]
     if any(real == seen for seen, _ in chain):
         raise ConfigError(f"{chain[0][1]}: base chain has a cycle: {' -> '.join(names)}")
+    if len(chain) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"{chain[0][1]}: base chain deeper than {MAX_BASE_DEPTH} files (at {path}); "
+                          "merge some of them")
     if not path.is_file():
         if not chain:
             raise ConfigError(f"config file not found: {path} (nor a shipped config of that name; "
@@ -143,7 +153,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"{_SET}: {show(text)}: the key must be dotted names, like ham.alpha")
     key = ".".join(parts)
     try:
-        return key, yaml.safe_load(raw)
+        return key, load_yaml(raw)
     except _YAML_ERRORS as e:
         raise ConfigError(f"{_SET}: {show(text)}: the value is not valid YAML "
                           f"({_yaml_problem(e)})") from None
@@ -152,6 +162,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _apply_override(raw: dict, origins: _Origins, text: str) -> None:
     key, value = parse_override(text)
     path = tuple(key.split("."))
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if value is None and (path[0] in sections and len(path) == 1 or _is_section(raw, path)):
+        raise ConfigError(f"{_SET}: {show(text)}: '{key}' is a section, null would reset all of it; "
+                          f"set its keys instead, e.g. --set {key}.KEY=VALUE")
     node = raw
     for end in range(1, len(path)):
         child = node.get(path[end - 1])
@@ -165,10 +179,25 @@ def _apply_override(raw: dict, origins: _Origins, text: str) -> None:
     _merge(node, {path[-1]: value}, origins, _SET, path[:-1])
 
 
+def _is_section(raw: dict, path: tuple) -> bool:
+    node = raw
+    for key in path:
+        if not isinstance(node, dict):
+            return False
+        node = node.get(key)
+    return isinstance(node, dict)
+
+
 def _unknown_key(path: tuple, key: Any, known: Sequence[str], origins: _Origins) -> ConfigError:
     close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
     hint = (f"; did you mean '{_dotted((*path, close[0]))}'?" if close
             else f" (known here: {', '.join(known)})")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,40}", str(key)):
+        # Not a name a config would use: the file is probably not a config at all (``base:
+        # /etc/shadow``), so its contents are not echoed.
+        where = f" under '{_dotted(path)}'" if path else ""
+        return origins.error((*path, key), f"a key that is not a config key{where}; is this a sparseham "
+                                           f"config? (known here: {', '.join(known)})")
     return origins.error((*path, key), f"unknown key '{_dotted((*path, key))}'{hint}")
 
 

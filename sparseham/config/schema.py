@@ -42,8 +42,14 @@ def _unknown(what: str, value: str, known: Sequence[str], extra: str = "") -> st
 class ExperimentConfig(Section):
     name: str = _f("run", "name of the run; the run directory is <out_dir>/<name> "
                           "unless --out is given")
-    seed: int = _f(0, "random seed for weights, data order, masks and the validation split", ge=0)
+    seed: int = _f(0, "random seed for weights, data order, masks and the validation split", ge=0,
+                   lt=2**63)
     out_dir: str = _f("runs", "parent directory of run directories")
+
+    def _check_relations(self) -> None:
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise FieldError.bad("name", self.name, "a run name is one plain directory name (no '/', "
+                                 "no '..'); use experiment.out_dir or --out for the location")
 
 
 @dataclass

@@ -51,7 +51,13 @@ class Dist:
 
 def init_distributed(device: torch.device) -> Dist:
     """Join the torchrun process group when ``WORLD_SIZE > 1``; a no-op otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "RANK" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise ValueError("RANK is set but WORLD_SIZE is not: start several processes with torchrun "
+                         "(it sets both), or unset RANK for one process")
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
     if world <= 1:
         return Dist()
     if not dist.is_initialized():

@@ -59,9 +59,15 @@ class JsonlWriter:
     """Append JSON objects, one per line, flushed so a reader sees whole records."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.file = open(path, "a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.path.exists():  # deleted under a running run: say so, and keep logging
+            print(f"warning: {self.path} was deleted during the run; logging continues in a new file",
+                  flush=True)
+            self.file.close()
+            self.file = open(self.path, "a", buffering=1)
         self.file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ leaves the old file or none, never a torn one.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from sparseham.config import Config, ConfigError, config_to_dict
 from sparseham.masks import MaskInvariantError
 
 __all__ = ["prepare_run_dir", "final_summary", "check_final_sparsity", "write_atomic", "RunDirError",
-           "RunLock", "config_difference", "RESUMABLE"]
+           "RunLock", "config_difference", "strict_json", "RESUMABLE"]
 
 # Keys that may change between invocations of the same run without changing the run: where it is
 # written and logged, how it is checkpointed, on which device and with how many loader workers,
@@ -64,6 +65,18 @@ def config_difference(old: Any, new: Any, path: tuple = ()) -> str | None:
     return None if old == new else f"{'.'.join(map(str, path))}: {old!r} there, {new!r} now"
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float as ``None``, so ``json.dumps(allow_nan=False)`` gives
+    strict JSON (a bare ``NaN`` is not JSON; other readers reject it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one step: a temporary file, fsync, then ``os.replace``."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -95,8 +108,9 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, force: bool = False) -> bool:
                 f"{run_dir} holds a run with a different config ({diff}); "
                 "choose another --out, or pass --force to move the old run aside"
             )
-        if diff and _is_main():
-            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        fresh = cfg.checkpoint.resume == "never" and any(run_dir.glob("checkpoint*.pt"))
+        if (diff or fresh) and _is_main():  # --force, or a restart over a run: nothing is deleted
+            aside = _aside(run_dir)
             run_dir.rename(aside)
             print(f"moved the previous run to {aside}", flush=True)
         elif (run_dir / "final.json").exists():
@@ -134,6 +148,16 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing drops the lock
             self.fd = None
+
+
+def _aside(run_dir: Path) -> Path:
+    """A new name beside ``run_dir`` for the run it holds (``DIR.replaced-<time>[-N]``)."""
+    stamp = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    candidate, n = stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = stamp.with_name(f"{stamp.name}-{n}")
+    return candidate
 
 
 def check_final_sparsity(manager) -> float:

@@ -41,6 +41,7 @@ from sparseham.train.run_dir import (
     config_difference,
     final_summary,
     prepare_run_dir,
+    strict_json,
     write_atomic,
 )
 
@@ -275,7 +276,8 @@ class Trainer:
         final["rank_digests"] = check_ranks_agree(self.dist, self.mm, self.opt)
         self.save()
         if self.dist.is_main:
-            write_atomic(self.run_dir / "final.json", json.dumps(final, indent=2) + "\n")
+            text = json.dumps(strict_json(final), indent=2, allow_nan=False)
+            write_atomic(self.run_dir / "final.json", text + "\n")
         self.logger.finish(final)
         return final
 
