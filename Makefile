@@ -8,7 +8,7 @@ RUN    ?= runs/default
 APT    := $(shell command -v apt-get 2>/dev/null)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data sysdeps browser clean study
+.PHONY: demo test setup data sysdeps browser clean study mutate
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ demo: data
 test: data browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# Deliberate one-line bugs (tools/mutations.yaml), each against its tests; not part of `make test`.
+mutate: data
+	$(PY) tools/mutate.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

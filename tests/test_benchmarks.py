@@ -71,6 +71,11 @@ def test_gpu_quick(tmp_path, monkeypatch, capsys):
     # 20 calls with updates every 5 optimizer steps; RigL's reference updates are iterations of their own.
     assert syncs["steps_checked"] == 20 and syncs["update_steps_checked"] == 3
     assert syncs["mm_step_error"] is None
+    # The sections run for real on the CPU too: the numbers are there, and they are consistent.
+    results = report["results"]
+    assert results["rigl_update"]["identical_masks"] is True
+    assert all(v["median"] > 0 for v in results["tracker"]["seconds_per_step"].values())
+    assert results["pipeline"]["skipped_steps"] == 0 and results["pipeline"]["rigl_update_s"] > 0
     if not torch.cuda.is_available():
         assert "No CUDA device" in capsys.readouterr().out
         assert report["verdicts"]["mm.step() host syncs"]["met"] is None

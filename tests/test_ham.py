@@ -202,7 +202,10 @@ def test_rmsprop_alpha_key_does_not_clash():
     assert opt.param_groups[0]["alpha"] == 0.99 and opt.param_groups[0]["ham_alpha"] == 3.0
     p.grad = torch.ones(2, 2)
     opt.step()
-    assert torch.isfinite(p).all()
+    # RMSprop's own step with alpha 0.99: v = 0.01, p = 1 - 0.01 * 1 / (sqrt(0.01) + 1e-8); then HAM's
+    # mirror step with ham_alpha 3 (not RMSprop's 0.99): p *= exp(-0.01 * 3 * sign(p) * 1).
+    half = 1 - 0.01 / (math.sqrt(0.01) + 1e-8)
+    assert torch.allclose(p.detach(), torch.full((2, 2), half * math.exp(-0.01 * 3.0)), atol=1e-7)
 
 
 def test_custom_base_optimizer():
@@ -362,15 +365,18 @@ def test_cuda_step_has_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_fused_follows_an_lr_schedule_without_failing():
+def test_fused_follows_an_lr_schedule():
     p = nn.Parameter(torch.ones(3, 3))
     opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=2.0, beta=0.0, fused=True, clamp=5.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
-    for _ in range(12):  # more distinct lrs than dynamo's recompile limit
+    expected = 1.0
+    for k in range(12):  # more distinct lrs than dynamo's recompile limit
+        lr = 0.1 / (k + 1)  # the lr this step must use
         p.grad = torch.ones(3, 3)
         opt.step()
         sched.step()
-    assert torch.isfinite(p).all()
+        expected = (expected - lr) * math.exp(-lr * 2.0)  # SGD, then the mirror step at the same lr
+    assert torch.allclose(p.detach(), torch.full((3, 3), expected), rtol=1e-5)
 
 
 def test_norm_cap_does_not_spread_a_nan():

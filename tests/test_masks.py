@@ -179,7 +179,11 @@ def test_sparsity_measurements():
     model, opt, mm = _setup()
     total = sum(p.numel() for p in mm.params)
     assert mm.sparsity() == pytest.approx(1 - sum(mm.method.counts) / total, abs=1e-9)
-    assert set(mm.layer_sparsity()) == set(mm.names)
+    by_layer = mm.layer_sparsity()
+    assert list(by_layer) == mm.names
+    for (name, value), p, k in zip(by_layer.items(), mm.params, mm.method.counts):
+        assert value == pytest.approx(1 - k / p.numel(), abs=1e-12), name  # by hand: 1 - kept / size
+        assert value == pytest.approx(1 - float(mm.masks[mm.names.index(name)].double().mean()), abs=1e-12)
 
 
 def test_set_masks_checks_length():

@@ -261,13 +261,76 @@ def test_acdc_runs_the_timeline_step_by_step():
     assert mm.masks is not None and mm.phase == "compressed"
 
 
-def test_acdc_churn_between_compressed_phases():
-    model, opt, mm = _build("acdc")
+def _acdc_with_snapshots(**overrides):
+    """An AC/DC run that records, at every compression, the weights it compressed and the masks."""
+    model, opt, mm = _build("acdc", **overrides)
+    seen = []
+    original = mm.set_masks
+
+    def set_masks(masks, expected=None, reference=None):
+        seen.append(([p.detach().clone() for p in mm.params], [m.clone() for m in masks]))
+        original(masks, expected=expected, reference=reference)
+
+    mm.set_masks = set_masks
+    return model, opt, mm, seen
+
+
+def test_acdc_compresses_with_one_global_threshold():
+    model, opt, mm, seen = _acdc_with_snapshots()
+    assert mm.method.distribution == "global"  # AC/DC's default, as in the paper
     for step in range(TOTAL):
         _step(model, opt, mm, step)
+    assert len(seen) >= 2
+    total = sum(p.numel() for p in mm.params)
+    for weights, masks in seen:
+        # By hand: keep the round(0.1 * N) largest |w| over all layers together.
+        flat = torch.cat([w.abs().view(-1) for w in weights])
+        k = round(0.1 * total)
+        threshold = torch.topk(flat, k).values.min()
+        kept = torch.cat([m.view(-1) for m in masks])
+        assert int(kept.sum()) == k
+        assert flat[kept].min() >= threshold and flat[~kept].max() <= threshold
+    densities = [float(m.float().mean()) for m in seen[-1][1]]
+    assert max(densities) - min(densities) > 0.05  # one threshold: the layers' densities differ
+
+
+def test_acdc_churn_is_the_hamming_distance_between_compressed_masks():
+    model, opt, mm, seen = _acdc_with_snapshots()
+    g = torch.Generator().manual_seed(7)
+    for step in range(TOTAL):
+        _step(model, opt, mm, step)
+        if mm.masks is None:  # decompressed: shuffle the magnitudes, so the next mask must differ
+            with torch.no_grad():
+                for p in mm.params:
+                    p.mul_(torch.rand(p.shape, generator=g) + 0.5)
     churns = [e["churn"] for e in mm.mask_events if e["phase"] == "compressed"]
     assert churns[0] is None  # the first compression has nothing to compare with
-    assert all(c is not None and int(c.sum()) % 2 == 0 for c in churns[1:])
+    for (_, before), (_, after), churn in zip(seen, seen[1:], churns[1:]):
+        by_hand = [int((a != b).sum()) for a, b in zip(before, after)]
+        assert churn.tolist() == by_hand and sum(by_hand) > 0
+
+
+def test_acdc_tracks_flips_by_the_last_compressed_mask_in_dense_phases():
+    model, opt, mm, seen = _acdc_with_snapshots()
+    for step in range(TOTAL):
+        _step(model, opt, mm, step)
+        if mm.masks is None and seen:  # decompressed after a compression
+            tracked = mm.method.tracking_masks(mm)
+            assert all(torch.equal(t, m) for t, m in zip(tracked, seen[-1][1]))
+
+
+@pytest.mark.parametrize("reset", ["decompression", "none"])
+def test_acdc_resets_all_optimizer_state_at_decompression(reset):
+    model, opt, mm = _build("acdc", reset_state=reset)
+    phases = mm.method.phases
+    decompress = [p.start for p in phases if not p.sparse and p.start > 0]
+    for step in range(TOTAL):
+        _step(model, opt, mm, step)
+        if mm.step_count in decompress:
+            buffers = [opt.state[p]["momentum_buffer"] for g in opt.param_groups for p in g["params"]]
+            zero = [bool(torch.all(b == 0)) for b in buffers]
+            # every parameter the optimizer holds, biases included (the authors' reset), or none
+            assert all(zero) if reset == "decompression" else not any(zero), (step, zero)
 
 
 # -- STR ----------------------------------------------------------------------------------------

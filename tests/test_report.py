@@ -6,7 +6,6 @@ import base64
 import html
 import io
 import json
-import os
 import re
 import shutil
 import statistics
@@ -17,6 +16,7 @@ from pathlib import Path
 import _rundirs
 import numpy as np
 import pytest
+from conftest import skip_unless_required
 from PIL import Image
 
 from sparseham.analysis import plots, report, runs
@@ -237,10 +237,7 @@ def chromedriver() -> str:
     """The chromedriver path; module-scoped so that a skip comes before building the report."""
     driver = shutil.which("chromedriver")
     if driver is None:
-        if os.environ.get("SPARSEHAM_REQUIRE_BROWSER") == "1":
-            pytest.fail("chromedriver not found: run `make browser` to install chromium and "
-                        "chromium-driver")
-        pytest.skip("chromedriver not found (run `make browser`)")
+        skip_unless_required("chromedriver not found (run `make browser`)", "SPARSEHAM_REQUIRE_BROWSER")
     return driver
 
 
