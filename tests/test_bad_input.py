@@ -192,3 +192,13 @@ def test_load_config_is_quick_on_a_bomb(tmp_path):
     with pytest.raises(ConfigError):
         load_config(path)
     assert time.perf_counter() - start < 2.0
+
+
+def test_an_alias_bomb_through_train_py_exits_2(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    proc = subprocess.run([sys.executable, "train.py", "--config", str(path), "--out", str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr
+    assert proc.stderr.strip().endswith("aliases (*a) are not allowed in configs; write the values out")
+    assert not (tmp_path / "run").exists()

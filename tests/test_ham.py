@@ -440,3 +440,13 @@ def test_diagnostics_count_every_nth_step():
     assert off.diagnostics()["entries"] == 0
     with pytest.raises(ValueError, match=r"Invalid diagnostics value: True; an int >= 0"):
         HAM(torch.optim.SGD([p], lr=0.1), diagnostics=True)
+
+
+def test_beta_alone_shrinks_every_mirrored_weight():
+    p, b = nn.Parameter(torch.full((2, 3), 2.0)), nn.Parameter(torch.ones(3))
+    opt = HAM(torch.optim.SGD([p, b], lr=0.1), alpha=0.0, beta=0.5, clamp=5.0)
+    p.grad, b.grad = torch.zeros(2, 3), torch.zeros(3)
+    opt.step()
+    # By hand: no gradient, so the base step keeps 2.0; the mirror step multiplies by e^(-0.1 * 0.5).
+    assert torch.allclose(p.detach(), torch.full((2, 3), 2.0 * math.exp(-0.05)))
+    assert torch.equal(b.detach(), torch.ones(3))  # 1-D: no mirror step

@@ -15,6 +15,7 @@ from sparseham.train import health
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["data.dataset=synthetic", "model.name=lenet300", "data.batch_size=32",
         "data.synthetic.train_size=512", "data.synthetic.test_size=128", "train.max_steps=48",
+        "sparsity.rigl.update_every=8",
         "logging.log_every=4", "logging.progress=false", "checkpoint.every=0", "train.on_nonfinite=skip"]
 
 

@@ -163,6 +163,16 @@ def test_state_dict_round_trip_resumes_bit_identically():
     assert mm.tracker.read() == mm2.tracker.read()
 
 
+def test_verify_catches_a_single_revived_weight():
+    model, opt, mm = _setup()
+    mm.verify()
+    pruned = torch.nonzero(~mm.masks[1].view(-1))[0]
+    with torch.no_grad():
+        mm.params[1].view(-1)[pruned] = 0.5
+    with pytest.raises(MaskInvariantError, match=r"^fc1.weight: 1 pruned weights are non-zero$"):
+        mm.verify()
+
+
 def test_verify_catches_drift():
     model, opt, mm = _setup()
     with torch.no_grad():

@@ -192,7 +192,7 @@ def _unknown_key(path: tuple, key: Any, known: Sequence[str], origins: _Origins)
     close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
     hint = (f"; did you mean '{_dotted((*path, close[0]))}'?" if close
             else f" (known here: {', '.join(known)})")
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,40}", str(key)):
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,40}", str(key)):
         # Not a name a config would use: the file is probably not a config at all (``base:
         # /etc/shadow``), so its contents are not echoed.
         where = f" under '{_dotted(path)}'" if path else ""
