@@ -89,14 +89,17 @@ def test_health_rules_on_their_own():
         return {"clamped_fraction": fraction, "clamped": int(fraction * 100), "entries": 100,
                 "capped": capped, "steps": 1, "layers": {}}
 
-    h = health.TrainingHealth(Fake([diag(0.5), diag(0.05), diag(0.5), diag(0.5), diag(0.5), diag(0.9)]),
-                              {}, alpha_lr=2.0, clamp=0.05, max_norm=1000.0)
-    said = [h.update(2.0)[1] for _ in range(6)]
-    assert said[:4] == [None] * 4  # the run of 3 high intervals starts again after the 0.05
-    assert said[4] == ("HAM's exponent saturates on 50% of weights (alpha*lr = 2, ham.clamp = 0.05): "
+    seq = [diag(0.6), diag(0.05), *[diag(0.6)] * 5, diag(0.9)]
+    h = health.TrainingHealth(Fake(seq), {}, alpha_lr=2.0, clamp=0.05, max_norm=1000.0)
+    said = [h.update(2.0)[1] for _ in range(len(seq))]  # the loss never falls: not learning
+    assert said[:6] == [None] * 6  # the run of 5 high intervals starts again after the 0.05
+    assert said[6] == ("HAM's exponent saturates on 60% of weights (alpha*lr = 2, ham.clamp = 0.05): "
                        "lower ham.alpha or optim.lr")
-    assert said[5] is None  # once per run
-    assert h.summary() == {"clamped_fraction": (50 + 5 + 50 + 50 + 50 + 90) / 600, "capped": 0}
+    assert said[7] is None  # once per run
+    assert h.summary() == {"clamped_fraction": (60 + 5 + 5 * 60 + 90) / 800, "capped": 0}
+    learning = health.TrainingHealth(Fake([diag(0.6)] * 8), {}, alpha_lr=2.0, clamp=0.02, max_norm=None)
+    losses = [2.0, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6]  # saturated but learning (ResNet-20 does this)
+    assert [learning.update(loss)[1] for loss in losses] == [None] * 8
 
     capped = health.TrainingHealth(Fake([diag(0.0, 1), diag(0.0, 0), diag(0.0, 2), diag(0.0, 1)]), {},
                                    alpha_lr=2.0, clamp=5.0, max_norm=1000.0)
