@@ -128,7 +128,8 @@ def _trainer(model, mm: MaskManager, device: torch.device, amp) -> Trainer:
     t = Trainer.__new__(Trainer)
     t.device, t.amp, t.net, t.model, t.accum, t.scaler = device, amp, model, model, 1, None
     t.opt, t.mm, t.logger, t.step, t.skipped = mm.optimizer, mm, _Accumulators(device), 0, 0
-    t.cfg = SimpleNamespace(train=SimpleNamespace(on_nonfinite="skip"), optim=SimpleNamespace(grad_clip=None))
+    t.cfg = SimpleNamespace(train=SimpleNamespace(on_nonfinite="skip"),
+                            optim=SimpleNamespace(grad_clip=None, sam=SimpleNamespace(rho=None)))
     t.steps_per_epoch = 1
     t.sched = torch.optim.lr_scheduler.LambdaLR(mm.optimizer, lambda s: lr_factor(
         s, total=TOTAL, warmup=0, name="cosine", milestones=(), gamma=0.1))

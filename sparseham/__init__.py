@@ -18,6 +18,7 @@ from .ham import HAM, ham
 from .masks import MaskInvariantError, MaskManager
 from .method import Method
 from .params import prunable_parameters
+from .sam import SAM
 from .topk import global_topk_masks, topk_mask
 from .tracking import SignFlipTracker
 
@@ -27,6 +28,7 @@ __all__ = [
     "MaskManager",
     "MaskInvariantError",
     "Method",
+    "SAM",
     "SignFlipTracker",
     "global_topk_masks",
     "layer_counts",

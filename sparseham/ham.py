@@ -68,6 +68,10 @@ class HAM(Optimizer):
             are left alone).
         foreach: use the multi-tensor ``torch._foreach_*`` path (default when ``fused`` is off).
         fused: one compiled pass per tensor (``torch.compile``), compiled once per parameter layout.
+        sam_gradient: around a :class:`sparseham.SAM` base, the gradient the mirror step uses:
+            ``"perturbed"`` (the default: the gradient at the perturbed point, what the authors'
+            wrapper sees around a SAM optimizer, since ``.grad`` holds it after SAM's second pass)
+            or ``"original"`` (the gradient at x, from SAM's first pass).
         diagnostics: every this many steps, count on the device the entries whose exponent
             reaches the clamp (read with :meth:`diagnostics`, which reports the fraction over the
             counted steps); ``0`` never counts. The count is a reduction over every weight, so
@@ -93,6 +97,7 @@ class HAM(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         diagnostics: int = 10,
+        sam_gradient: str = "perturbed",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"HAM wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -104,6 +109,8 @@ class HAM(Optimizer):
             raise ValueError(f"Invalid max_norm value: {max_norm}; must be > 0 or None")
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if sam_gradient not in ("perturbed", "original"):
+            raise ValueError(f"Invalid sam_gradient: {sam_gradient!r}; choose 'perturbed' or 'original'")
         if isinstance(diagnostics, bool) or not isinstance(diagnostics, int) or diagnostics < 0:
             raise ValueError(f"Invalid diagnostics value: {diagnostics!r}; an int >= 0 (count every N steps)")
         self.optimizer = optimizer
@@ -111,6 +118,9 @@ class HAM(Optimizer):
         self._keys = ("ham_alpha", "ham_beta") if clash else ("alpha", "beta")
         self.sign, self.clamp, self.max_norm, self.min_ndim = sign, float(clamp), max_norm, min_ndim
         self.foreach, self.fused, self.diagnostics_every = foreach, fused, diagnostics
+        self.sam_gradient = sam_gradient
+        if sam_gradient == "original" and hasattr(optimizer, "keep_first_grads"):
+            optimizer.keep_first_grads = True
         self._calls = 0  # host-side: which steps count the clamped entries
         # The base's defaults too: schedulers such as OneCycleLR and CyclicLR look for
         # "momentum" or "betas" there.
@@ -126,6 +136,11 @@ class HAM(Optimizer):
         self._caps: dict[Tensor, Tensor] = {}
         self._steps: dict[Tensor, int] = {}
         self._counted: dict[Tensor, int] = {}
+
+    @property
+    def uses_closure(self) -> bool:
+        """Whether the base optimizer re-evaluates a closure inside its step (SAM does)."""
+        return getattr(self.optimizer, "uses_closure", False)
 
     @property
     def group_keys(self) -> tuple[str, str]:
@@ -174,9 +189,10 @@ class HAM(Optimizer):
             if not keep:
                 continue
             stepped = [params[j] for j in keep]
+            first = getattr(self.optimizer, "first_grads", None) if self.sam_gradient == "original" else None
             hits, caps = ham(
                 stepped,
-                [p.grad for p in stepped],
+                [first.get(p, p.grad) for p in stepped] if first else [p.grad for p in stepped],
                 [pre_signs[i][j] for j in keep] if pre_signs is not None else None,
                 lr=group["lr"],
                 alpha=alpha,

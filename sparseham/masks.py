@@ -120,13 +120,16 @@ class MaskManager:
 
     # -- the pipeline ---------------------------------------------------------------------------
     def step(self, closure: Callable[[], Tensor] | torch.amp.GradScaler | None = None, *,
-             scaler: torch.amp.GradScaler | None = None) -> Tensor | None:
+             scaler: torch.amp.GradScaler | None = None, closure_first: bool = True) -> Tensor | None:
         """Run one training step of the pipeline (see the module docstring for the order).
 
         Args:
             closure: as for ``torch.optim``: re-evaluates the model and returns the loss; it is
                 called first, to compute the gradients. A ``GradScaler`` given here is taken as
                 ``scaler`` (``mm.step(scaler)``).
+            closure_first: call the closure before the pipeline; ``False`` when the caller already
+                ran the first backward pass and the closure only serves an optimizer that
+                re-evaluates inside its step (:class:`sparseham.SAM`'s second pass).
             scaler: gradients are unscaled first, unless the caller already did
                 (``scaler.unscale_(opt)`` before clipping), so hooks and HAM see true gradients;
                 ``scaler.step`` skips the step when they are not finite, and then nothing moves:
@@ -139,9 +142,12 @@ class MaskManager:
         if isinstance(closure, torch.amp.GradScaler):
             closure, scaler = None, closure
         loss = None
-        if closure is not None:
+        if closure is not None and closure_first:
             with torch.enable_grad():
                 loss = closure()
+        reevaluate = None
+        if closure is not None and getattr(self.optimizer, "uses_closure", False):
+            reevaluate = self._masked(closure)  # SAM's second pass, its gradient masked too
         if scaler is not None and not already_unscaled(scaler, self.optimizer):
             scaler.unscale_(self.optimizer)
         if self._pending:
@@ -156,7 +162,12 @@ class MaskManager:
             self.mask_grads_()
         self._inside, self._stepped = True, False
         try:
-            (scaler.step(self.optimizer) if scaler is not None else self.optimizer.step())
+            if scaler is not None:
+                scaler.step(self.optimizer)
+            elif reevaluate is not None:
+                self.optimizer.step(reevaluate)
+            else:
+                self.optimizer.step()
         finally:
             self._inside = False
         if not self._stepped:  # the scaler found inf or NaN and skipped the step (a host-side flag)
@@ -169,6 +180,15 @@ class MaskManager:
             self.tracker.update(self.params, self.method.tracking_masks(self))
         self.method.post_step(self)
         return loss
+
+    def _masked(self, closure: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        def masked() -> Tensor:
+            loss = closure()
+            if self.masks is not None and self.method.masking:
+                self.mask_grads_()
+            return loss
+
+        return masked
 
     def _refresh_factors(self) -> None:
         # What the masks multiply by. On CPU, multiplying floats by a bool tensor first converts

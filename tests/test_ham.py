@@ -321,6 +321,7 @@ def test_half_step_allocates_no_persistent_state():
         "foreach",
         "fused",
         "diagnostics_every",
+        "sam_gradient",
         "_calls",
         "_counted",
         "_hits",

@@ -19,9 +19,8 @@ import sparseham.methods  # noqa: F401  (registers the built-in methods)
 from sparseham import method as registry
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ["__init__", "ham", "_ham_kernels", "masks", "method", "params", "stepping", "tracking", "topk",
-           "distributions",
-           "schedules"]
+LIBRARY = ["__init__", "ham", "_ham_kernels", "masks", "method", "params", "sam", "stepping", "tracking",
+           "topk", "distributions", "schedules"]
 APPLICATION = ("config", "data", "models", "train", "methods", "analysis", "configs", "cli",
                "integrations")
 

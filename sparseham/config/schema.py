@@ -111,6 +111,12 @@ class ScheduleConfig(Section):
 
 
 @dataclass
+class SamConfig(Section):
+    rho: float | None = _f(None, "SAM's perturbation radius (Foret et al. 2021: 0.05); null = no SAM", gt=0)
+    adaptive: bool = _f(False, "ASAM (Kwon et al. 2021): the perturbation scaled by |w|")
+
+
+@dataclass
 class OptimConfig(Section):
     name: Literal["sgd", "adam", "adamw"] = _f("sgd", "base optimizer (HAM, if enabled, wraps it)")
     lr: float = _f(0.05, "peak learning rate", gt=0)
@@ -120,6 +126,7 @@ class OptimConfig(Section):
     betas: tuple[float, float] = _f((0.9, 0.999), "adam/adamw: decay rates of the moment estimates")
     grad_clip: float | None = _f(None, "clip the global gradient norm to this; null = off", gt=0)
     schedule: ScheduleConfig = _f(factory=ScheduleConfig, doc="learning-rate schedule")
+    sam: SamConfig = _f(factory=lambda: SamConfig(), doc="sharpness-aware minimization around the base step")
 
     def _check_relations(self) -> None:
         if not all(0 <= b < 1 for b in self.betas):
@@ -149,6 +156,9 @@ class HamConfig(Section):
     fused: bool = _f(False, "use the single-pass fused kernel (torch.compile or Triton)")
     diagnostics: int = _f(10, "count the entries at the clamp every N steps (at most logging.log_every); "
                               "0 = never", ge=0)
+    sam_gradient: Literal["perturbed", "original"] = _f(
+        "perturbed", "with optim.sam: the mirror step's gradient, at the perturbed point (what the "
+                     "authors' wrapper sees) or at x")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from sparseham.config import Config, config_to_dict, method_options
 from sparseham.data import Data, build_data
 from sparseham.ham import HAM
 from sparseham.models import build_model
+from sparseham.sam import SAM
 from sparseham.tracking import SignFlipTracker
 
 __all__ = [
@@ -69,6 +70,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         opt = torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    if o.sam.rho is not None:
+        opt = SAM(opt, o.sam.rho, adaptive=o.sam.adaptive)
     h = cfg.ham
     if not h.enabled:
         return opt
@@ -83,6 +86,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         fused=h.fused or None,
         # at least one counted step in every log interval
         diagnostics=min(h.diagnostics, cfg.logging.log_every),
+        sam_gradient=h.sam_gradient,
     )
 
 

@@ -92,6 +92,9 @@ class Trainer:
         if t.compile:
             self.net = torch.compile(self.net)
         self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
+        if t.amp == "fp16" and cfg.optim.sam.rho is not None:
+            raise ValueError("optim.sam with train.amp = 'fp16' is not supported (the GradScaler would have "
+                             "to cover both passes); use bf16 or no AMP")
         if t.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("train.amp = 'fp16' needs CUDA (GradScaler); use bf16 on the CPU")
         self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
@@ -183,9 +186,8 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def train_step(self, micro: list) -> None:
-        if self.buffers:
-            torch._foreach_copy_(self.buffers_before, self.buffers)
+    def _backward(self, micro: list) -> list:
+        """Forward and backward over the micro-batches; returns (loss, logits, targets) of each."""
         records = []
         for x, y in micro:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -195,6 +197,12 @@ class Trainer:
             scaled = loss / self.accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             records.append((loss.detach(), logits.detach(), y))
+        return records
+
+    def train_step(self, micro: list) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers_before, self.buffers)
+        records = self._backward(micro)
         if self._nonfinite(torch.stack([r[0] for r in records])):
             return
         for record in records:  # a rejected step stays out of the logged loss and accuracy
@@ -204,7 +212,14 @@ class Trainer:
             if self.scaler:
                 self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.mm.step(scaler=self.scaler)
+        if self.cfg.optim.sam.rho is not None:  # SAM's second pass: the same batches at the perturbed point
+            def closure():
+                self.opt.zero_grad(set_to_none=True)
+                return torch.stack([r[0] for r in self._backward(micro)]).mean()
+
+            self.mm.step(closure, closure_first=False)
+        else:
+            self.mm.step(scaler=self.scaler)
         if self.scaler:
             self.scaler.update()
         if not self.mm.topology_only:  # the schedule follows optimizer steps, as in RigL's reference
