@@ -6,6 +6,7 @@ Commands:
     sweep     run a grid of training runs and tabulate them
     study     select HAM's settings from a tuning sweep; tabulate a study
     fetch     fetch data sets into a data root
+    export    export a run's model: dense, masks or sparse (CSR/COO)
     configs   list the shipped configs (``--config NAME`` finds them)
 
 ``sparseham COMMAND --help`` describes each one.
@@ -31,6 +32,7 @@ _COMMANDS = {
     "sweep": ("sparseham.analysis.sweep", "run a grid of training runs and tabulate them"),
     "study": ("sparseham.analysis.study", "select HAM's settings from a tuning sweep; tabulate a study"),
     "fetch": ("sparseham.data.fetch", "fetch data sets into a data root"),
+    "export": ("sparseham.export", "export a run's model: dense, masks or sparse (CSR/COO)"),
     "configs": (None, "list the shipped configs"),
 }
 

@@ -1,0 +1,141 @@
+"""From a sparse run to a deployable model: ``sparseham export RUN --out FILE --format F``.
+
+Formats (every file is a plain ``torch.save`` of tensors and strings, loadable with
+``torch.load(path, weights_only=True)``; no sparseham class is pickled):
+
+- ``dense``: the model's ``state_dict`` with the masks baked in (pruned weights exactly 0) and
+  STR's reparametrization removed, its soft threshold applied: ``sign(w) * relu(|w| - sigmoid(s))``.
+  It loads with ``load_state_dict(strict=True)`` into the original model class, with no sparseham
+  import.
+- ``masks``: ``{name: bool mask}`` of the managed tensors.
+- ``sparse``: the dense state_dict with each managed tensor in torch's CSR layout with int32
+  indices, a convolution kernel flattened to (out, in * kh * kw) first; :func:`load_sparse` turns
+  it back into the dense state_dict. At density d a weight costs about 8d + 4/fan-in bytes here
+  against 4 dense, so the file is smaller below about 50% density.
+
+Writes are atomic (a temporary file, then a rename), and the size and the compression ratio
+against the dense file are returned and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["FORMATS", "ExportError", "dense_state", "export_run", "load_sparse", "main"]
+
+FORMATS = ("dense", "masks", "sparse")
+_ORIGINAL, _THRESHOLD = ".parametrizations.weight.original", ".parametrizations.weight.0.s"
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported; the message is one line."""
+
+
+def dense_state(model: dict[str, Tensor], masks: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The plain state_dict: STR's latent weights and thresholds folded into ``<module>.weight``,
+    and every tensor in ``masks`` multiplied by its mask."""
+    out: dict[str, Tensor] = {}
+    for key, value in model.items():
+        if key.endswith(_THRESHOLD):
+            continue
+        if key.endswith(_ORIGINAL):
+            prefix = key[: -len(_ORIGINAL)]
+            s = model[prefix + _THRESHOLD]
+            key, value = f"{prefix}.weight", torch.sign(value) * torch.relu(value.abs() - torch.sigmoid(s))
+        out[key] = value.detach().clone()
+    for name, mask in (masks or {}).items():
+        out[name] = out[name] * mask.to(out[name].dtype)
+    return out
+
+
+def _to_sparse(t: Tensor) -> Tensor:
+    csr = t.reshape(t.shape[0], -1).to_sparse_csr()
+    return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape)
+
+
+def load_sparse(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The dense state_dict of a ``sparse`` export."""
+    state = torch.load(path, weights_only=True)
+    shapes = state["shapes"]
+    return {k: (v.to_dense().view(shapes[k]) if k in shapes else v) for k, v in state["tensors"].items()}
+
+
+def _nbytes(obj) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.tell()
+
+
+def _write_atomic(obj, out: Path) -> int:
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:  # torch.save reports some write errors as RuntimeError
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+    return out.stat().st_size
+
+
+def export_run(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "dense") -> dict[str, float]:
+    """Export the newest good checkpoint of run directory ``run`` to ``out`` in format ``fmt``.
+
+    Returns:
+        ``{"bytes", "dense_bytes", "ratio"}``: the file's size, the dense export's size, and
+        dense / file.
+
+    Raises:
+        ExportError: not a run directory, no readable checkpoint, an unknown format, or an
+            unwritable ``out``.
+    """
+    from sparseham.train.checkpoint import CheckpointError, latest_good_checkpoint
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    run, out = Path(run), Path(out)
+    if not (run / "config.yaml").is_file():
+        raise ExportError(f"{run} is not a run directory (no config.yaml)")
+    try:
+        _, state, _ = latest_good_checkpoint(run)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ExportError(f"{run}: no readable checkpoint ({e})") from None
+    manager = state.get("manager") or {}
+    names, stored = manager.get("names") or [], manager.get("masks")
+    masks = dict(zip(names, stored)) if stored is not None else None
+    dense = dense_state(state["model"], masks)
+    if fmt == "dense":
+        payload = dense
+    elif fmt == "masks":
+        payload = masks or {n: dense[n] != 0 for n in names}
+    else:
+        payload = {"format": "sparseham.sparse/1", "shapes": {n: list(dense[n].shape) for n in names},
+                   "tensors": {k: (_to_sparse(v) if k in names else v) for k, v in dense.items()}}
+    size = _write_atomic(payload, out)
+    dense_bytes = _nbytes(dense)
+    return {"bytes": size, "dense_bytes": dense_bytes, "ratio": dense_bytes / size}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparseham export", description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="a run directory written by sparseham train")
+    parser.add_argument("--out", required=True, help="the file to write")
+    parser.add_argument("--format", default="dense", help=f"one of {', '.join(FORMATS)} (default dense)")
+    args = parser.parse_args(argv)
+    try:
+        stats = export_run(args.run, args.out, args.format)
+    except ExportError as e:
+        print(f"sparseham export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({args.format}): {stats['bytes']:,} bytes, {stats['ratio']:.2f}x smaller than "
+          f"the dense export ({stats['dense_bytes']:,} bytes)")
+    return 0
