@@ -43,3 +43,17 @@ def test_table_means_and_differences(tmp_path):
 def test_cli_rejects_a_missing_directory(tmp_path, capsys):
     assert study.main(["select", str(tmp_path / "nope")]) == 2
     assert "is not a directory of runs" in capsys.readouterr().err
+
+
+def test_the_clamp_rule_is_robustness_first():
+    from sparseham.analysis.clamp_study import choose_clamp
+
+    rows = [  # clamp 0.05 is best at alpha 200 but collapses at alpha 1000: the rule passes it over
+        {"alpha": 200.0, "clamp": 0.05, "runs": 9, "collapses": 0, "min_gain": 0.3, "mean_gain": 3.2},
+        {"alpha": 1000.0, "clamp": 0.05, "runs": 9, "collapses": 3, "min_gain": -25.8, "mean_gain": -3.9},
+        {"alpha": 200.0, "clamp": 0.02, "runs": 9, "collapses": 0, "min_gain": 0.6, "mean_gain": 3.0},
+        {"alpha": 1000.0, "clamp": 0.02, "runs": 9, "collapses": 0, "min_gain": -1.3, "mean_gain": 2.9},
+        {"alpha": 200.0, "clamp": 5.0, "runs": 9, "collapses": 9, "min_gain": -80.0, "mean_gain": -70.0},
+    ]
+    assert choose_clamp(rows)["clamp"] == 0.02
+    assert choose_clamp([r for r in rows if r["clamp"] == 5.0]) is None
