@@ -79,3 +79,12 @@ def test_gpu_quick(tmp_path, monkeypatch, capsys):
     if not torch.cuda.is_available():
         assert "No CUDA device" in capsys.readouterr().out
         assert report["verdicts"]["mm.step() host syncs"]["met"] is None
+
+
+def test_inference_quick(tmp_path, monkeypatch):
+    report = run_script("inference", tmp_path, monkeypatch)
+    rows = report["cpu"]
+    assert [r["layer"] for r in rows] == ["lenet300.fc1", "lenet300.fc2"]
+    assert all(r["dense_ms"] > 0 and r["csr_ms"] > 0 and r["dense_over_csr"] > 0 for r in rows)
+    if not torch.cuda.is_available():
+        assert report["cuda"] == {"skipped": "no CUDA device"}
