@@ -144,12 +144,14 @@ def test_different_config_in_out_dir_is_refused_unless_forced(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_agree(tmp_path):
+@pytest.mark.parametrize("sam", [[], ["optim.sam.rho=0.05"]], ids=["sgd", "sam"])
+def test_ddp_two_gloo_processes_agree(tmp_path, sam):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     out = tmp_path / "ddp"
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "train.py", "--config", "configs/default.yaml",
            "--out", str(out)]
-    for s in [*SYNTH, "train.max_steps=40", "sparsity.rigl.update_every=10", "tracking.per_weight=true"]:
+    sets = [*SYNTH, "train.max_steps=40", "sparsity.rigl.update_every=10", "tracking.per_weight=true", *sam]
+    for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
