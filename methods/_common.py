@@ -6,9 +6,21 @@ import torch
 from torch import Tensor
 
 from sparseham.distributions import fixed_counts, layer_counts
-from sparseham.topk import global_topk_masks, topk_mask
+from sparseham.topk import global_topk_masks, nm_groups, nm_mask, topk_mask
 
-__all__ = ["shapes_of", "counts_for", "random_masks", "score_masks", "magnitude_masks", "seeded_generator"]
+__all__ = ["shapes_of", "counts_for", "random_masks", "score_masks", "magnitude_masks", "seeded_generator",
+           "nm_counts", "nm_swap", "pattern_masks"]
+
+
+def nm_counts(manager, n: int, m: int) -> list[int]:
+    """Kept weights per layer under an N:M pattern (a layer that does not split into groups of
+    ``m`` stays whole)."""
+    return [p.numel() * n // m if nm_groups(p.shape, m) else p.numel() for p in manager.params]
+
+
+def pattern_masks(manager, scores: list[Tensor], n: int, m: int) -> tuple[list[Tensor], list[int]]:
+    """N:M masks keeping the highest ``scores`` of every group, and their per-layer counts."""
+    return [nm_mask(s, n, m) for s in scores], nm_counts(manager, n, m)
 
 
 def shapes_of(manager) -> dict[str, tuple[int, ...]]:
@@ -63,3 +75,21 @@ def magnitude_masks(manager, weights: list[Tensor], target: float, distribution:
                     fixed=None) -> tuple:
     """:func:`score_masks` with ``|w|`` as the score."""
     return score_masks(manager, [w.abs() for w in weights], target, distribution, dense, fixed)
+
+
+def nm_swap(weight: Tensor, mask: Tensor, score: Tensor, swaps: int, m: int) -> Tensor:
+    """RigL under an N:M pattern: in each of the ``swaps`` groups whose best inactive ``score`` is
+    highest, the active weight with the smallest ``|weight|`` makes way for that inactive one, so
+    every group keeps exactly its ``n``. Returns the new mask (layers without groups: unchanged)."""
+    if not nm_groups(mask.shape, m) or swaps <= 0:
+        return mask.clone()
+    shape = (mask.shape[0], -1, m)
+    active = mask.reshape(shape)
+    weak = weight.detach().abs().reshape(shape).masked_fill(~active, torch.inf).argmin(-1)
+    best, strong = score.reshape(shape).masked_fill(active, -torch.inf).max(-1)
+    chosen = torch.topk(best.reshape(-1), min(swaps, best.numel()), sorted=False).indices
+    new = active.clone().reshape(-1, m)
+    rows = chosen  # one flat index per group
+    new[rows, weak.reshape(-1)[chosen]] = False
+    new[rows, strong.reshape(-1)[chosen]] = True
+    return new.view(mask.shape)

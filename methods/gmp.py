@@ -23,7 +23,7 @@ from sparseham.method import Method
 from sparseham.schedules import cubic_sparsity, to_steps
 
 from . import register
-from ._common import magnitude_masks
+from ._common import magnitude_masks, pattern_masks
 
 __all__ = ["GMP"]
 
@@ -55,6 +55,7 @@ class GMP(Method):
 
     Options = GMPOptions
     default_distribution = "uniform"  # TF model_pruning: one mask per tensor, each at s_t
+    supports_pattern = True
 
     def setup(self, manager) -> None:
         o = self.options
@@ -84,6 +85,12 @@ class GMP(Method):
 
     def _prune(self, manager, sparsity: float) -> None:
         weights = [p.detach() for p in manager.params]
+        if self.pattern:  # the schedule in whole weights per group: m, ..., down to n at the end
+            n, m = self.pattern
+            keep = min(m, max(n, round(m * (1 - sparsity))))
+            masks, counts = pattern_masks(manager, [w.abs() for w in weights], keep, m)
+            manager.set_masks(masks, expected=counts)
+            return
         masks, expected = magnitude_masks(manager, weights, sparsity, self.distribution,
                                           self.dense_layers, self.layer_density)
         manager.set_masks(masks, expected=expected)

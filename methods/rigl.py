@@ -45,7 +45,7 @@ from sparseham.method import Method
 from sparseham.schedules import cosine_drop_fraction, periodic
 
 from . import register
-from ._common import counts_for, random_masks, seeded_generator
+from ._common import counts_for, nm_counts, nm_swap, pattern_masks, random_masks, seeded_generator
 
 __all__ = ["RigL", "SET"]
 
@@ -78,13 +78,17 @@ class RigL(Method):
 
     Options = RigLOptions
     distributions = ("uniform", "er", "erk")
+    supports_pattern = True
 
     def setup(self, manager) -> None:
         if manager.total_steps is None:
             raise ValueError(f"{self.name}: needs the length of training: MaskManager(..., total_steps=N)")
         self.end_step = math.floor(self.options.end * manager.total_steps)
-        self.counts = counts_for(manager, self.target, self.distribution, self.dense_layers,
-                                 self.layer_density)
+        if self.pattern:
+            self.counts = nm_counts(manager, *self.pattern)
+        else:
+            self.counts = counts_for(manager, self.target, self.distribution, self.dense_layers,
+                                     self.layer_density)
         self._grow: list[torch.Tensor] | None = None
         self._last_update, self._topology_only = -self.options.update_every, False
         if self.options.update_every >= self.end_step:
@@ -94,7 +98,12 @@ class RigL(Method):
                 f"(end = {self.options.end} of {manager.total_steps} steps); the run is static "
                 f"sparse training. Lower sparsity.{self.name}.update_every or train longer",
                 stacklevel=2)
-        manager.set_masks(random_masks(manager, self.counts), expected=self.counts)
+        if self.pattern:
+            gen = seeded_generator(0)
+            scores = [torch.rand(p.shape, generator=gen).to(p.device) for p in manager.params]
+            manager.set_masks(pattern_masks(manager, scores, *self.pattern)[0], expected=self.counts)
+        else:
+            manager.set_masks(random_masks(manager, self.counts), expected=self.counts)
 
     def _drops(self, manager, step: int) -> list[int]:
         """Weights to drop (and grow) per layer at ``step``; never more than the inactive ones."""
@@ -111,6 +120,9 @@ class RigL(Method):
         return g.abs() if g is not None else torch.zeros_like(manager.params[i])
 
     def pre_step(self, manager) -> None:
+        if self.pattern:
+            self._pattern_update(manager)
+            return
         if self.options.reference:
             step = manager.step_count  # optimizer steps taken so far (the reference's global_step)
             self._topology_only = self._last_update + self.options.update_every <= step < self.end_step
@@ -137,6 +149,28 @@ class RigL(Method):
 
     def load_state_dict(self, state) -> None:
         self._last_update = state.get("last_update", -self.options.update_every)
+
+    def _pattern_update(self, manager) -> None:
+        """N:M: swaps within groups (:func:`nm_swap`), on the schedule of ``reference``: a
+        topology-only iteration at steps 0, dT, ...; otherwise before the update step's optimizer
+        step, so both rules keep exactly n of every m."""
+        o = self.options
+        if o.reference:
+            step = manager.step_count
+            self._topology_only = self._last_update + o.update_every <= step < self.end_step
+            due = self._topology_only
+        else:
+            step = manager.step_count + 1
+            due = periodic(step, o.update_every, self.end_step)
+        if not due:
+            return
+        self._last_update = step
+        m = self.pattern[1]
+        drops = self._drops(manager, step)
+        new = [nm_swap(p, mask, self.grow_score(manager, i, step), d, m)
+               for i, (p, mask, d) in enumerate(zip(manager.params, manager.masks, drops))]
+        manager.zero_state_([a & ~b for a, b in zip(new, manager.masks)])
+        manager.set_masks(new, expected=self.counts)
 
     def _reference_update(self, manager, step: int) -> None:
         new, fresh = [], []

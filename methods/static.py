@@ -17,7 +17,7 @@ from torch import Tensor
 from sparseham.method import Method, register, suggest
 
 from . import scoring
-from ._common import score_masks
+from ._common import pattern_masks, score_masks
 
 __all__ = ["Static", "StaticOptions"]
 
@@ -72,6 +72,7 @@ class Static(Method):
     masking = True
     inits = ("random", "magnitude", "snip", "grasp", "synflow")
     distributions = ("uniform", "er", "erk", "global")
+    supports_pattern = True
 
     @classmethod
     def distribution_for(cls, init: str) -> str:
@@ -103,6 +104,8 @@ class Static(Method):
                ) -> tuple[list[Tensor], list[int] | int]:
         """Masks of the highest ``scores`` at ``sparsity``, and the kept counts: per layer, or
         for ``global`` the total (the split is only known on the device; ``verify`` checks it)."""
+        if self.pattern:
+            return pattern_masks(manager, scores, *self.pattern)
         try:
             return score_masks(manager, scores, sparsity, self.distribution, self.dense_layers,
                                self.layer_density)

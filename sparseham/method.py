@@ -61,6 +61,22 @@ def register(name: str):
     return wrap
 
 
+def parse_pattern(pattern: str | None, target: float, who: str) -> tuple[int, int] | None:
+    """``"n:m"`` as ``(n, m)``, checked against ``target``; ``None`` for no pattern."""
+    if pattern is None:
+        return None
+    try:
+        n, m = (int(part) for part in str(pattern).split(":"))
+    except ValueError:
+        raise ValueError(f"{who}: pattern {pattern!r} is not 'n:m', e.g. '2:4'") from None
+    if not 0 < n < m:
+        raise ValueError(f"{who}: pattern {pattern!r} needs 0 < n < m")
+    if abs(target - (1 - n / m)) > 1e-9:
+        raise ValueError(f"{who}: pattern {n}:{m} keeps {n / m:g} of the weights: set the target to "
+                         f"{1 - n / m:g}, not {target:g}")
+    return n, m
+
+
 def _same_definition(a: type, b: type) -> bool:
     """Whether ``a`` and ``b`` come from the same ``class`` statement of the same source file."""
     if a is b:
@@ -101,6 +117,10 @@ class Method:
         dense_layers: glob patterns of managed parameter names kept dense.
         layer_density: glob -> density for managed layers with a density of their own; the rest
             of the budget is re-solved over the other layers (counts stay exact).
+        pattern: ``"n:m"`` semi-structured sparsity (e.g. ``"2:4"``): in every group of ``m``
+            consecutive inputs of each output, exactly ``n`` weights are kept; ``target`` must be
+            ``1 - n/m``. Layers whose fan-in is not a multiple of ``m`` stay dense. Methods that
+            support it say so (``supports_pattern``).
         init: how the first mask is scored, for methods that prune at initialization.
         **options: fields of ``Options``.
     """
@@ -109,6 +129,8 @@ class Method:
     Options: ClassVar[type] = NoOptions
     #: Whether the manager masks grads, weights and optimizer state (stages 2 and 4).
     masking: bool = True
+    #: Whether the method honours an N:M ``pattern``.
+    supports_pattern: ClassVar[bool] = False
     #: The distribution used when none is given (see :meth:`default_distribution`).
     default_distribution: ClassVar[str] = "erk"
 
@@ -119,6 +141,7 @@ class Method:
         distribution: str | None = None,
         dense_layers: Sequence[str] = (),
         layer_density: Mapping[str, float] | None = None,
+        pattern: str | None = None,
         init: str = "random",
         **options: Any,
     ) -> None:
@@ -138,6 +161,9 @@ class Method:
             raise TypeError(f"layer_density maps glob patterns to densities, like {{'fc3*': 1.0}}; "
                             f"got {type(layer_density).__name__}")
         self.layer_density = dict(layer_density or {})
+        self.pattern = parse_pattern(pattern, self.target, self.name or type(self).__name__)
+        if self.pattern and not self.supports_pattern:
+            raise ValueError(f"{self.name}: no N:M pattern support (static, gmp, rigl and set have it)")
         self.init = init
         fields = {f.name for f in dataclasses.fields(self.Options)}
         unknown = sorted(set(options) - fields)

@@ -7,12 +7,13 @@ a cumulative sum, so the result is deterministic on every process and device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["topk_mask", "global_topk_masks"]
+__all__ = ["topk_mask", "global_topk_masks", "nm_mask", "nm_groups"]
 
 
 def topk_mask(scores: Tensor, k: int | Tensor) -> Tensor:
@@ -45,3 +46,24 @@ def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     flat = torch.cat([s.reshape(-1) for s in scores])
     keep = topk_mask(flat, k)
     return [m.view(s.shape) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
+
+
+def nm_groups(shape: Sequence[int], m: int) -> bool:
+    """Whether a weight of ``shape`` splits into groups of ``m`` consecutive inputs: its fan-in
+    (everything but the output dimension, a kernel flattened as in im2col) is a multiple of ``m``."""
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else 0
+    return fan_in > 0 and fan_in % m == 0
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Bool mask keeping the ``n`` highest of every ``m`` consecutive inputs of each output (N:M).
+
+    A tensor that does not split into such groups (:func:`nm_groups`) is kept whole. Exactly ``n``
+    of every group are kept whatever the ties; no host synchronisation.
+    """
+    if not nm_groups(scores.shape, m):
+        return torch.ones_like(scores, dtype=torch.bool)
+    groups = torch.nan_to_num(scores.float(), nan=-torch.inf).reshape(scores.shape[0], -1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, torch.topk(groups, n, dim=-1, sorted=False).indices, True)
+    return keep.view(scores.shape)

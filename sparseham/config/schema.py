@@ -172,6 +172,8 @@ class SparsityConfig(Section):
     init: Literal["random", "magnitude", "snip", "grasp", "synflow"] = _f(
         "random", "how the first mask is scored")
     dense_layers: list[str] = _f(factory=list, doc="glob patterns of managed parameters kept dense")
+    pattern: str | None = _f(None, "N:M semi-structured sparsity, e.g. '2:4' (target must be 1 - n/m); "
+                                   "static, gmp, rigl and set")
     layer_density: dict[str, float] = _f(
         factory=dict, doc="glob -> density for layers with a density of their own, e.g. {'fc3*': 1.0}; "
                           "the rest of the budget is re-solved over the other layers")

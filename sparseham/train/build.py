@@ -121,7 +121,7 @@ def build_method(cfg: Config) -> method_registry.Method:
     sp = cfg.sparsity
     cls = method_registry.get(sp.method)
     kwargs = {"distribution": sp.distribution, "dense_layers": tuple(sp.dense_layers), "init": sp.init,
-              "layer_density": dict(sp.layer_density)}
+              "layer_density": dict(sp.layer_density), "pattern": sp.pattern}
     return cls(sp.target or 0.0, **kwargs, **method_options(cfg))
 
 
