@@ -1,4 +1,5 @@
-"""Grid sweeps of training runs: ``sparseham sweep SWEEP [--jobs N] [--dry-run]``.
+"""Grid sweeps of training runs: ``sparseham sweep SWEEP [--launcher local|submitit] [--jobs N]
+[--dry-run] [--csv FILE] [--submitit.KEY VALUE ...]``.
 
 SWEEP.yaml::
 
@@ -9,11 +10,18 @@ SWEEP.yaml::
       sparsity.method: [static, rigl]   # such mappings whose cells are united
       ham.enabled: [false, true]
       experiment.seed: [0, 1, 2]
+    launcher:                      # how the cells run (optional; default name: local)
+      name: submitit               # local, or submitit: one submitit job per cell
+      cluster: slurm               # submitit options (analysis/launchers.py): cluster, partition,
+      partition: gpu               # time (minutes), gpus, cpus, mem (GB), array_parallelism;
+      time: 120                    # --launcher and --submitit.KEY win over these
+      gpus: 1
 
 SWEEP is a file or the name of a shipped sweep (``studies/tune``). Each cell runs
 ``python -m sparseham train --config CONFIG --set k=v ... --out OUT/NAME`` in the current
 directory (values as YAML scalars: ``true``, ``null``, ``0.001``), one at a time or
-``--jobs N`` at once, its output appended to ``OUT/logs/NAME.log``. NAME joins the keys that
+``--jobs N`` at once (``--launcher submitit``: as submitit jobs, their files under
+``OUT/submitit/``), its output appended to ``OUT/logs/NAME.log``. NAME joins the keys that
 vary between cells (last component, lengthened where two share it) and their values, e.g.
 ``method=rigl_enabled=true_seed=0``; clashes get ``-2``, ``-3``. Cells with a final.json are
 skipped, so re-running resumes a sweep; a failed run is reported and the sweep goes on. At
@@ -21,7 +29,8 @@ the end ``OUT/results.md`` and ``OUT/results.csv`` hold one row per cell over ev
 run under OUT, seeds collapsed: mean ± std (ddof=1) and n of test_acc, val_acc (if logged),
 sparsity, total flips, ever_flipped_frac and wall_time_s.
 
-Exit status: 0; 1 when a run failed; 2 for a bad sweep file (one line on stderr).
+Exit status: 0; 1 when a run failed; 2 for a bad sweep file or launcher option, or jobs that
+submitit cannot take (one line on stderr).
 """
 
 from __future__ import annotations
@@ -32,16 +41,14 @@ import json
 import math
 import re
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from sparseham.analysis import cells, results, runs
+from sparseham.analysis import cells, launchers, results, runs
 from sparseham.config import ConfigError, config_to_dict, load_config
 from sparseham.config.fields import show
 from sparseham.config.shipped import resolve_config
@@ -51,8 +58,6 @@ __all__ = [
     "Cell", "Sweep", "SweepError", "cell_names", "expand", "load_sweep",
     "main", "plan", "run_sweep", "train_command",
 ]
-
-
 
 MAX_CELLS = 20_000
 
@@ -78,11 +83,12 @@ class Cell:
 
 @dataclass(frozen=True)
 class Sweep:
-    """A parsed sweep file: its path, output root and cells."""
+    """A parsed sweep file: its path, output root, cells and validated ``launcher`` mapping."""
 
     path: Path
     out: Path
     cells: list[Cell]
+    launcher: dict = field(default_factory=dict)
 
 
 def _read_spec(path: Path) -> dict:
@@ -96,8 +102,8 @@ def _read_spec(path: Path) -> dict:
     if not isinstance(spec, dict):
         raise SweepError(f"{path}: expected a mapping of config, out, grid, got {spec!r:.40}")
     for key in spec:
-        if key not in ("config", "out", "set", "grid"):
-            raise SweepError(f"{path}: unknown key '{key}'; allowed: config, out, set, grid")
+        if key not in ("config", "out", "set", "grid", "launcher"):
+            raise SweepError(f"{path}: unknown key '{key}'; allowed: config, out, set, grid, launcher")
     for key in ("config", "out", "grid"):
         if spec.get(key) in (None, "", [], {}):
             raise SweepError(f"{path}: missing key '{key}' (required: config, out, grid)")
@@ -138,12 +144,16 @@ def load_sweep(path: Path | str) -> Sweep:
     size = sum(math.prod(len(v) for v in g.values()) for g in grids)
     if size > MAX_CELLS:
         raise SweepError(f"{path}: the grid has {size:,} cells, more than {MAX_CELLS:,}; split the sweep")
+    try:
+        launcher = launchers.parse_block(spec["launcher"]) if "launcher" in spec else {}
+    except launchers.LauncherError as err:
+        raise SweepError(f"{path}: {err}") from None
     combos = expand(grids)
     out = Path(str(spec["out"])).resolve()
     fixed = spec.get("set") or {}
     cells = [Cell(name, config, {**fixed, **combo}, out / name)
              for name, combo in zip(cell_names(combos), combos)]
-    return Sweep(path, out, cells)
+    return Sweep(path, out, cells, launcher)
 
 
 def expand(grids: Sequence[dict]) -> list[dict]:
@@ -196,33 +206,19 @@ def plan(sweep: Sweep) -> tuple[list[Cell], list[Cell]]:
     return [c for c in sweep.cells if c not in done], done
 
 
-def _run_cell(cell: Cell, argv: list[str]) -> int:
-    cell.log.parent.mkdir(parents=True, exist_ok=True)
-    with cell.log.open("a") as log:
-        log.write(f"$ {shlex.join(argv)}\n")
-        log.flush()
-        try:
-            return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, check=False).returncode
-        except OSError as err:
-            log.write(f"cannot start the command: {err}\n")
-            return 127
-
-
-def _run_all(todo: list[Cell], command: Callable[[Cell], list[str]], jobs: int,
+def _run_all(todo: list[Cell], command: Callable[[Cell], list[str]], launch: launchers.Launch,
              on_done: Callable[[Cell], None] = lambda cell: None) -> list[str]:
-    """Runs ``todo`` ``jobs`` at a time, calling ``on_done`` after each success; returns a line
-    per failed run."""
+    """Runs ``todo`` with ``launch``, printing a line per finished cell and calling ``on_done``
+    after each success; returns a line per failed run. Launchers differ only in how a command
+    runs, so every launcher reports, records and fails alike."""
     failed = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_run_cell, cell, command(cell)): cell for cell in todo}
-        for count, future in enumerate(as_completed(futures), 1):
-            cell, code = futures[future], future.result()
-            status = "ok" if code == 0 else f"FAILED with exit code {code}, log: {cell.log}"
-            print(f"[{count}/{len(todo)}] {cell.name}: {status}", flush=True)
-            failed += [f"{cell.name}: {status}"] if code else []
-            if code == 0:
-                on_done(cell)
+    for count, (cell, code) in enumerate(launch(todo, command), 1):
+        detail = f"exit code {code}" if isinstance(code, int) else code
+        status = "ok" if code == 0 else f"FAILED with {detail}, log: {cell.log}"
+        print(f"[{count}/{len(todo)}] {cell.name}: {status}", flush=True)
+        failed += [f"{cell.name}: {status}"] if code != 0 else []
+        if code == 0:
+            on_done(cell)
     return failed
 
 
@@ -231,25 +227,31 @@ def _sets(cell: Cell) -> list[str]:
 
 
 def run_sweep(path: Path | str, jobs: int = 1, dry_run: bool = False,
-              command: Callable[[Cell], list[str]] | None = None, csv_path: Path | None = None) -> int:
+              command: Callable[[Cell], list[str]] | None = None, csv_path: Path | None = None,
+              launcher: str | None = None, submitit: dict | None = None) -> int:
     """Runs the unfinished cells of a sweep, then writes the results tables.
 
     Args:
         path: the sweep file.
-        jobs: runs at a time.
+        jobs: runs at a time (local launcher).
         dry_run: only print what would run.
         command: builds a cell's argv, run in the current directory (default train_command).
         csv_path: a cells CSV: cells it holds are skipped, finished cells are appended to it.
+        launcher: ``local`` or ``submitit``; default the sweep file's ``launcher.name``, else local.
+        submitit: submitit options (``launchers.SUBMITIT_OPTIONS``) over the sweep file's.
 
     Returns:
         0, or 1 when a run failed.
 
     Raises:
         SweepError: a bad sweep file or ``jobs`` < 1.
+        LauncherError: a bad launcher or option, or jobs that submitit could not take.
     """
     if jobs < 1:
         raise SweepError(f"--jobs must be at least 1, got {jobs}")
     sweep, command = load_sweep(path), command or train_command
+    launch = launchers.choose(sweep.launcher, launcher, jobs, submitit or {}, sweep.out / "submitit",
+                              f"sweep-{sweep.path.stem}")
     todo, skipped = plan(sweep)
     ledger = None
     if csv_path:
@@ -267,7 +269,7 @@ def run_sweep(path: Path | str, jobs: int = 1, dry_run: bool = False,
         print("\n".join(shlex.join(command(cell)) for cell in todo))
         return 0
     on_done = (lambda cell: ledger.record(cell.name, cell.run_dir)) if ledger else (lambda cell: None)
-    failed = _run_all(todo, command, jobs, on_done)
+    failed = _run_all(todo, command, launch, on_done)
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
     md, table = results.aggregate(sweep.out)
@@ -275,19 +277,27 @@ def run_sweep(path: Path | str, jobs: int = 1, dry_run: bool = False,
     return 1 if failed else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseham sweep",
                                      description="Run a grid of training runs and tabulate them.")
     parser.add_argument("sweep", help="the sweep file or a shipped sweep's name (format: module docstring)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="local launcher: runs at a time (default 1); "
+                        "submitit runs each cell as its own job, so the cluster (and, on Slurm, "
+                        "--submitit.array-parallelism) decides how many run at once")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--csv", type=Path, help="a committed cells CSV: skip the cells it holds, "
                         "append a row per finished cell")
-    args = parser.parse_args(argv)
+    launchers.add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
     try:
-        return run_sweep(args.sweep, jobs=args.jobs, dry_run=args.dry_run, csv_path=args.csv)
-    except (SweepError, ConfigError) as err:
+        return run_sweep(args.sweep, jobs=args.jobs, dry_run=args.dry_run, csv_path=args.csv,
+                         launcher=args.launcher, submitit=launchers.cli_options(args))
+    except (SweepError, launchers.LauncherError, ConfigError) as err:
         print(f"sparseham sweep: {err}", file=sys.stderr)
         return 2
 

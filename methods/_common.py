@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from sparseham.distributions import fixed_counts, layer_counts
-from sparseham.topk import global_topk_masks, nm_groups, nm_mask, topk_mask
+from sparseham.topk import global_topk_masks, nm_groups, nm_kept, nm_mask, topk_mask
 
 __all__ = ["shapes_of", "counts_for", "random_masks", "score_masks", "magnitude_masks", "seeded_generator",
            "nm_counts", "nm_swap", "pattern_masks"]
@@ -15,7 +15,7 @@ __all__ = ["shapes_of", "counts_for", "random_masks", "score_masks", "magnitude_
 def nm_counts(manager, n: int, m: int) -> list[int]:
     """Kept weights per layer under an N:M pattern (a layer that does not split into groups of
     ``m`` stays whole)."""
-    return [p.numel() * n // m if nm_groups(p.shape, m) else p.numel() for p in manager.params]
+    return [nm_kept(p.shape, n, m) for p in manager.params]
 
 
 def pattern_masks(manager, scores: list[Tensor], n: int, m: int) -> tuple[list[Tensor], list[int]]:

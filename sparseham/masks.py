@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .method import Method
 from .params import prunable_parameters, unwrap
 from .stepping import PipelineOptimizer, already_unscaled
+from .topk import nm_groups
 
 __all__ = ["MaskManager", "MaskInvariantError", "prunable_parameters", "unwrap"]
 
@@ -104,8 +105,20 @@ class MaskManager:
         zeros = sum(int(p.numel() - torch.count_nonzero(p)) for p in self.params)
         self._pending = zeros > _ALREADY_SPARSE * sum(p.numel() for p in self.params)
         method.setup(self)
+        self._warn_dense_under_pattern()
         if tracker is not None:
             tracker.attach(self.names, self.params, self.method.tracking_masks(self))
+
+    def _warn_dense_under_pattern(self) -> None:
+        pattern = getattr(self.method, "pattern", None)
+        if not pattern:
+            return
+        dense = [name for name, p in zip(self.names, self.params) if not nm_groups(p.shape, pattern[1])]
+        if dense:
+            warnings.warn(
+                f"pattern {pattern[0]}:{pattern[1]} leaves {', '.join(dense)} dense (fan-in not a multiple "
+                f"of {pattern[1]}); the model ends at sparsity "
+                f"{self.method.promised_sparsity(self):.4f}, not {self.method.target:g}", stacklevel=3)
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         if not self._inside and not self._warned:

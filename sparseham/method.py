@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
+from .topk import nm_kept
+
 if TYPE_CHECKING:
     from .masks import MaskManager
 
@@ -206,6 +208,14 @@ class Method:
     def effective_weights(self, manager: MaskManager) -> list[Tensor]:
         """The weights the forward pass uses; their zeros define the achieved sparsity."""
         return manager.params
+
+    def promised_sparsity(self, manager: MaskManager) -> float:
+        """The sparsity training ends at: the target; under an N:M pattern, what the pattern keeps,
+        which is below the target when some layers have no groups and stay dense."""
+        if not self.pattern:
+            return self.target
+        total = sum(p.numel() for p in manager.params)
+        return 1.0 - sum(nm_kept(p.shape, *self.pattern) for p in manager.params) / total
 
     def summary(self) -> dict[str, Any]:
         """What the method reports in ``final.json`` (``method_summary``), e.g. STR's projection."""

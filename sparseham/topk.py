@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["topk_mask", "global_topk_masks", "nm_mask", "nm_groups"]
+__all__ = ["topk_mask", "global_topk_masks", "nm_mask", "nm_groups", "nm_kept"]
 
 
 def topk_mask(scores: Tensor, k: int | Tensor) -> Tensor:
@@ -53,6 +53,12 @@ def nm_groups(shape: Sequence[int], m: int) -> bool:
     (everything but the output dimension, a kernel flattened as in im2col) is a multiple of ``m``."""
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else 0
     return fan_in > 0 and fan_in % m == 0
+
+
+def nm_kept(shape: Sequence[int], n: int, m: int) -> int:
+    """Weights an N:M pattern keeps in a tensor of ``shape`` (all of them if it has no groups)."""
+    size = math.prod(shape)
+    return size * n // m if nm_groups(shape, m) else size
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:

@@ -23,8 +23,8 @@ from sparseham.config.fields import FieldError, Section, hints, range_text
 from sparseham.config.fields import field as _f
 
 __all__ = [
-    "DENSE", "ExperimentConfig", "SyntheticConfig", "DataConfig", "ModelConfig", "ScheduleConfig",
-    "OptimConfig", "HamConfig", "SparsityConfig", "TrackingConfig", "TrainConfig",
+    "DENSE", "ExperimentConfig", "SyntheticConfig", "TextConfig", "DataConfig", "ModelConfig",
+    "ScheduleConfig", "OptimConfig", "HamConfig", "SparsityConfig", "TrackingConfig", "TrainConfig",
     "LoggingConfig", "CheckpointConfig", "Config", "help_text",
 ]
 
@@ -63,6 +63,16 @@ class SyntheticConfig(Section):
 
 
 @dataclass
+class TextConfig(Section):
+    source: str = _f("stdlib", "the text: 'stdlib' (this Python's own standard-library .py sources) or a "
+                               "file, folder or glob of local text files")
+    seq_len: int = _f(128, "tokens per training sequence (bytes: the tokenizer is byte-level)", gt=0)
+    max_bytes: int = _f(4_000_000, "read at most this many bytes of the corpus, files in sorted order", gt=0)
+    test_fraction: float = _f(0.05, "fraction of the sequences, at the end of the corpus, held out for test",
+                              gt=0, lt=1)
+
+
+@dataclass
 class DataConfig(Section):
     dataset: str = _f("fashion_mnist", "data set name (see sparseham.data.DATASETS)")
     root: str = _f("data", "directory that holds (or receives) the data set files")
@@ -73,6 +83,7 @@ class DataConfig(Section):
     val_split: float = _f(0.0, "fraction of the training set held out for validation", ge=0, lt=1)
     synthetic: SyntheticConfig = _f(
         factory=SyntheticConfig, doc="shape of the generated data when dataset is synthetic")
+    text: TextConfig = _f(factory=TextConfig, doc="the corpus and sequence length when dataset is text")
 
     def _check_relations(self) -> None:
         from sparseham.data import DATASETS  # imported late: data.py pulls in torchvision
@@ -84,15 +95,22 @@ class DataConfig(Section):
 
 @dataclass
 class ModelConfig(Section):
-    name: str = _f("lenet5", "a name in sparseham.models.MODELS, or torchvision:<name>")
+    name: str = _f("lenet5", "a name in sparseham.models.MODELS, torchvision:<name>, or hf:<architecture> "
+                             "(a transformers causal LM, e.g. hf:LlamaForCausalLM, for data.dataset text)")
+    hf: dict[str, Any] = _f(factory=dict, doc="hf: models: fields of the transformers config, e.g. "
+                                             "{hidden_size: 64}; vocab_size comes from the data")
+    pretrained: str | None = _f(None, "hf: models: a local directory to load weights from (no download)")
 
     def _check_relations(self) -> None:
         from sparseham.models import MODELS  # imported late: models.py pulls in torchvision
 
         prefix, _, rest = self.name.partition(":")
-        if self.name not in MODELS and not (prefix == "torchvision" and rest.strip()):
-            reason = _unknown("model", self.name, MODELS, ", or torchvision:<name>")
+        if self.name not in MODELS and not (prefix in ("torchvision", "hf") and rest.strip()):
+            reason = _unknown("model", self.name, MODELS, ", torchvision:<name> or hf:<architecture>")
             raise FieldError.bad("name", self.name, reason)
+        if prefix != "hf" and (self.hf or self.pretrained):
+            key = "hf" if self.hf else "pretrained"
+            raise FieldError.bad(key, self.hf or self.pretrained, f"only hf: models use it, not {self.name}")
 
 
 @dataclass
@@ -282,6 +300,15 @@ class Config(Section):
     train: TrainConfig = _f(factory=TrainConfig, doc="training loop")
     logging: LoggingConfig = _f(factory=LoggingConfig, doc="metrics, TensorBoard, progress output")
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, doc="checkpoints and resuming")
+
+    def _check_relations(self) -> None:
+        language_model, text = self.model.name.startswith("hf:"), self.data.dataset == "text"
+        if language_model and not text:
+            raise FieldError.bad("model.name", self.model.name,
+                                 f"a language model needs data.dataset text, not {self.data.dataset!r}")
+        if text and not language_model:
+            raise FieldError.bad("data.dataset", "text", f"text needs an hf:<architecture> model "
+                                 f"(e.g. hf:LlamaForCausalLM), not {self.model.name!r}")
 
 
 def _type_name(tp: Any) -> str:

@@ -3,10 +3,15 @@
 A config is a small tree. Aliases let a few lines describe an exponentially large one (a "billion
 laughs" document), which the base-chain merge and the error messages would then walk; duplicate
 keys silently keep the last value. Both are refused with a one-line error that says where.
+
+Numbers follow YAML 1.1 (PyYAML's), less its base-60 forms: there ``2:4`` is the integer 124 and
+``1:30.5`` the float 90.5, which turns an N:M sparsity pattern into a number. Here they are
+strings, as in YAML 1.2.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -16,7 +21,22 @@ __all__ = ["MAX_NODES", "load_yaml"]
 MAX_NODES = 100_000
 
 
+_INT = re.compile(r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X)
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_NO_BASE_60 = {"tag:yaml.org,2002:int": _INT, "tag:yaml.org,2002:float": _FLOAT}
+
+
 class _StrictLoader(yaml.SafeLoader):
+    yaml_implicit_resolvers = {
+        first: [(tag, _NO_BASE_60.get(tag, regexp)) for tag, regexp in resolvers]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
     def __init__(self, stream) -> None:
         super().__init__(stream)
         self.nodes = 0

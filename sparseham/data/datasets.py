@@ -1,9 +1,9 @@
 """Datasets as deterministic, resumable, DDP-aware batch loaders: :func:`build_data`.
 
 MNIST, Fashion-MNIST, CIFAR and the synthetic task are held in memory as tensors; ImageNet
-is read from image folders by a torch ``DataLoader``. Every loader yields float32 NCHW
+is read from image folders by a torch ``DataLoader``. Every image loader yields float32 NCHW
 images, already normalized with the dataset's standard per-channel mean and std, and int64
-labels, on the CPU. See :class:`~sparseham.data.loaders.BatchLoader` for the order, the
+labels, on the CPU. ``text`` is byte-level causal language modelling (:mod:`sparseham.data.text`). See :class:`~sparseham.data.loaders.BatchLoader` for the order, the
 resume and the sharding contract.
 """
 
@@ -21,13 +21,14 @@ from torchvision import datasets, transforms
 from sparseham.data.files import Arrays, DataError, load_cifar, load_fashion_mnist, load_mnist
 from sparseham.data.loaders import BatchLoader, FolderLoader, TensorLoader
 from sparseham.data.fetch import fetch_cifar, fetch_fashion_mnist, fetch_mnist
+from sparseham.data.text import VOCAB_SIZE, TokenLoader, read_corpus, windows
 
 __all__ = [
     "DATASETS", "DATA_SEED", "NORMALIZATION", "SYNTHETIC_DEFAULTS", "BatchLoader", "Data",
     "DataError", "DatasetInfo", "build_data", "make_synthetic", "split_indices",
 ]
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet", "synthetic")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet", "synthetic", "text")
 # Fixes the synthetic task and the validation split, so every experiment seed sees the same.
 DATA_SEED = 0x5EED
 # Per-channel (mean, std) of the training pixels scaled to [0, 1].
@@ -54,6 +55,8 @@ class DatasetInfo:
         train_size: Training samples, after the validation split is taken out.
         val_size: Validation samples (0 without a validation split).
         test_size: Test samples.
+        seq_len: Tokens per sample of a language-modelling set (``text``); 0 for images, whose
+            ``num_classes`` is the vocabulary size and ``image_size`` the sequence length there.
     """
 
     name: str
@@ -63,6 +66,7 @@ class DatasetInfo:
     train_size: int
     val_size: int
     test_size: int
+    seq_len: int = 0
 
 
 @dataclass
@@ -83,6 +87,7 @@ class _Request:
     val_split: float
     num_workers: int
     synthetic: object
+    text: object
     batch_size: int
     eval_batch_size: int
     loader_args: dict
@@ -229,9 +234,29 @@ def _imagenet(req: _Request) -> Data:
     return Data(train=train, test=test, val=val, info=info)
 
 
+def _text(req: _Request) -> Data:
+    options = {"source": "stdlib", "seq_len": 128, "max_bytes": 4_000_000, "test_fraction": 0.05,
+               **dict(req.text or {})}
+    rows = windows(read_corpus(str(options["source"]), int(options["max_bytes"])), int(options["seq_len"]))
+    n = len(rows)
+    test = max(1, round(n * float(options["test_fraction"])))
+    val = round((n - test) * req.val_split)
+    train = n - test - val
+    if train < 1:
+        raise DataError(f"data.text: {n} sequences of {options['seq_len'] + 1} bytes leave none for "
+                        "training; raise data.text.max_bytes or lower seq_len")
+    evals = {"train": False, "batch_size": req.eval_batch_size, **req.loader_args}
+    info = DatasetInfo("text", VOCAB_SIZE, 1, int(options["seq_len"]), train, val, test,
+                       seq_len=int(options["seq_len"]))
+    return Data(train=TokenLoader(rows[:train], train=True, batch_size=req.batch_size, **req.loader_args),
+                test=TokenLoader(rows[n - test:], **evals),
+                val=TokenLoader(rows[train:train + val], **evals) if val else None, info=info)
+
+
 _BUILDERS: dict[str, Callable[[_Request], Data]] = {
     **dict.fromkeys(_ARRAYS, _in_memory),
     "imagenet": _imagenet,
+    "text": _text,
 }
 
 
@@ -260,7 +285,7 @@ def _check_args(dataset: str, batch_size: int, eval_batch_size: int, seed: int,
 def build_data(dataset: str, *, root: str = "data", batch_size: int, seed: int,
                num_workers: int = 0, download: bool = False, val_split: float = 0.0,
                rank: int = 0, world_size: int = 1, synthetic: object = None,
-               eval_batch_size: int | None = None) -> Data:
+               eval_batch_size: int | None = None, text: object = None) -> Data:
     """Builds the train, validation and test loaders of a dataset.
 
     Args:
@@ -278,6 +303,8 @@ def build_data(dataset: str, *, root: str = "data", batch_size: int, seed: int,
         synthetic: Options (dict or dataclass) of the synthetic task, see
             :func:`make_synthetic`; other
             datasets ignore them (the config always carries a ``data.synthetic`` section).
+        text: Options (dict) of ``text``: ``source``, ``seq_len``, ``max_bytes`` and
+            ``test_fraction`` (see :class:`~sparseham.config.schema.TextConfig`).
         eval_batch_size: Batch size of the validation and test loaders, which are not
             sharded (every rank evaluates the whole split); defaults to ``batch_size``.
 
@@ -290,7 +317,7 @@ def build_data(dataset: str, *, root: str = "data", batch_size: int, seed: int,
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
     _check_args(dataset, batch_size, eval_batch_size, seed, num_workers, val_split, rank,
                 world_size)
-    req = _Request(dataset, str(root), download, float(val_split), num_workers, synthetic or {},
+    req = _Request(dataset, str(root), download, float(val_split), num_workers, synthetic or {}, text or {},
                    batch_size, eval_batch_size,
                    {"seed": seed, "rank": rank, "world_size": world_size})
     data = _BUILDERS[dataset](req)

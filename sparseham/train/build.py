@@ -11,7 +11,7 @@ from sparseham import method as method_registry
 from sparseham.config import Config, config_to_dict, method_options
 from sparseham.data import Data, build_data
 from sparseham.ham import HAM
-from sparseham.models import build_model
+from sparseham.models import build_causal_lm, build_model
 from sparseham.sam import SAM
 from sparseham.tracking import SignFlipTracker
 
@@ -50,11 +50,15 @@ def build_data_and_model(cfg: Config, d, device: torch.device) -> tuple[Data, nn
         world_size=d.world_size,
         synthetic=config_to_dict(cfg)["data"]["synthetic"],
         eval_batch_size=c.eval_batch_size,
+        text=config_to_dict(cfg)["data"]["text"],
     )
     info = data.info
-    model = build_model(
-        cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size
-    )
+    if cfg.model.name.startswith("hf:"):
+        model = build_causal_lm(cfg.model.name.removeprefix("hf:"), vocab_size=info.num_classes,
+                                seq_len=info.seq_len, options=cfg.model.hf, pretrained=cfg.model.pretrained)
+    else:
+        model = build_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
+                            image_size=info.image_size)
     return data, model.to(device)
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from sparseham.train.health import TrainingHealth
 
-__all__ = ["RunLogger", "JsonlWriter", "truncate_jsonl"]
+__all__ = ["RunLogger", "JsonlWriter", "perplexity", "truncate_jsonl"]
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
@@ -74,6 +74,17 @@ class JsonlWriter:
         self.file.close()
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean per-token cross-entropy in nats; ``inf`` past float range."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _rate_text(rec: dict[str, Any]) -> str:
+    if "tokens_per_s" in rec:
+        return f"{rec['tokens_per_s']:,.0f} tokens/s"
+    return f"{rec['samples_per_s']:.0f} samples/s"
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return (
@@ -94,6 +105,8 @@ class RunLogger:
         self._loss = torch.zeros((), device=self.device)
         self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self._seen = 0
+        # Language modelling: rates in tokens, evaluations with their perplexity.
+        self.seq_len = cfg.data.text.seq_len if cfg.data.dataset == "text" else 0
         self.last_step, self.last_flips = start_step, None
         self.wall_offset, self.t0, self.start_step = 0.0, time.perf_counter(), start_step
         names = {p: n for n, p in manager.model.named_parameters()}
@@ -133,10 +146,12 @@ class RunLogger:
         n = max(self._seen, 1)
         elapsed = self.wall_time()
         seconds = max(time.perf_counter() - self.t0, 1e-9)
-        rate = (step - self.start_step) * self.cfg.data.batch_size / seconds
+        rate = (step - self.start_step) * self.cfg.data.batch_size * self.cfg.train.grad_accum / seconds
         sparsity = self.manager.sparsity()
         rec = {"event": "train", "step": step, "epoch": self.epoch(step), "loss": loss / n,
                "acc": correct / n, "lr": lr, "sparsity": sparsity, "samples_per_s": rate, "time_s": elapsed}
+        if self.seq_len:
+            rec["tokens_per_s"] = rate * self.seq_len
         self._loss.zero_()
         self._correct.zero_()
         self._seen = 0
@@ -221,8 +236,9 @@ class RunLogger:
     def _scalars(self, step: int, rec: dict[str, Any], sparsity: float) -> None:
         if not self.tb:
             return
-        for key in ("loss", "acc", "lr", "samples_per_s"):
-            self.tb.add_scalar(f"train/{key}", rec[key], step)
+        for key in ("loss", "acc", "lr", "samples_per_s", "tokens_per_s"):
+            if key in rec:
+                self.tb.add_scalar(f"train/{key}", rec[key], step)
         self.tb.add_scalar("sparsity/global", sparsity, step)
         for name, value in self.manager.layer_sparsity().items():
             self.tb.add_scalar(f"sparsity/{name}", value, step)
@@ -236,7 +252,7 @@ class RunLogger:
         print(
             f"step {step}/{self.total_steps} (epoch {rec['epoch']:.2f}) | loss {rec['loss']:.4f} "
             f"acc {100 * rec['acc']:.1f}% | lr {rec['lr']:.3g} | sparsity {100 * rec['sparsity']:.2f}%"
-            f"{flip_text} | {rec['samples_per_s']:.0f} samples/s | ETA {_fmt_time(eta)}",
+            f"{flip_text} | {_rate_text(rec)} | ETA {_fmt_time(eta)}",
             flush=True,
         )
 
@@ -248,21 +264,18 @@ class RunLogger:
     def log_eval(self, step: int, split: str, loss: float, acc: float) -> None:
         if not self.enabled:
             return
-        self.metrics.write(
-            {
-                "event": "eval",
-                "step": step,
-                "epoch": self.epoch(step),
-                "split": split,
-                "loss": loss,
-                "acc": acc,
-            }
-        )
+        record = {"event": "eval", "step": step, "epoch": self.epoch(step), "split": split, "loss": loss,
+                  "acc": acc}
+        if self.seq_len:
+            record["perplexity"] = perplexity(loss)
+        self.metrics.write(record)
         if self.tb:
-            self.tb.add_scalar(f"eval/{split}_loss", loss, step)
-            self.tb.add_scalar(f"eval/{split}_acc", acc, step)
+            for key in ("loss", "acc", "perplexity"):
+                if key in record:
+                    self.tb.add_scalar(f"eval/{split}_{key}", record[key], step)
         if self.cfg.logging.progress:
-            print(f"  eval {split}: loss {loss:.4f} acc {100 * acc:.2f}%", flush=True)
+            extra = f" perplexity {record['perplexity']:.3f}" if self.seq_len else ""
+            print(f"  eval {split}: loss {loss:.4f} acc {100 * acc:.2f}%{extra}", flush=True)
 
     def histograms(self, step: int) -> None:
         if self.enabled and self.tb:

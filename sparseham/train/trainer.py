@@ -82,7 +82,9 @@ class Trainer:
         self.total = t.max_steps if t.max_steps else max(1, round(t.epochs * self.steps_per_epoch))
         self.opt = build_optimizer(cfg, self.model)
         s = cfg.sparsity
-        self.mm = MaskManager(self.model, self.opt, build_method(cfg), build_tracker(cfg), s.include,
+        # A model may name its own default (a language model keeps embeddings and head dense).
+        include = s.include if s.include is not None else getattr(self.model, "default_managed", None)
+        self.mm = MaskManager(self.model, self.opt, build_method(cfg), build_tracker(cfg), include,
                               s.exclude, total_steps=self.total, steps_per_epoch=self.steps_per_epoch,
                               data=self._scoring_batches())
         # After the manager: a method may add parameter groups (STR's thresholds) the schedule must cover.
