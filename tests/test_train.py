@@ -161,3 +161,16 @@ def test_ddp_two_gloo_processes_agree(tmp_path, sam):
     digests = final["rank_digests"]
     assert len(digests) == 2 and len(set(digests)) == 1  # masks, weights, HAM state and tracker
     assert len([e for e in _jsonl(out / "metrics.jsonl") if e["event"] == "start"]) == 1
+    # Rank against a single process of the same config (each rank had half of every batch):
+    # the same masks, weights to float tolerance (the gradient all-reduce sums in another
+    # order), the same flip counts.
+    single = tmp_path / "single"
+    train(single, *sets)
+    one, two = (load_checkpoint(d / "checkpoint.pt") for d in (single, out))
+    for a, b in zip(one["manager"]["masks"], two["manager"]["masks"], strict=True):
+        assert torch.equal(a, b)
+    for name, weight in one["model"].items():
+        assert torch.allclose(weight, two["model"][name], rtol=1e-4, atol=1e-5), name
+    solo = json.loads((single / "final.json").read_text())
+    for key in ("flips_masked", "flips_unmasked", "sparsity"):
+        assert final[key] == pytest.approx(solo[key], rel=1e-3, abs=2), key
