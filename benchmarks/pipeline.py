@@ -5,7 +5,9 @@
 
 Every variant owns its copy of the same model (same seed), cycles through the same batches of
 ``build_data("synthetic", ...)`` shaped like the real inputs (LeNet-5: 1x28x28, ResNet-20:
-3x32x32), and uses the same SGD (lr 0.05, momentum 0.9, weight decay 5e-4, as build_optimizer
+3x32x32; ``llama_tiny``, the Llama of configs/lm_rigl_ham.yaml, gets 128-byte windows of the
+standard library's sources, and its throughput is also given in tokens/s), and uses the same SGD
+(lr 0.05, momentum 0.9, weight decay 5e-4, as build_optimizer
 makes it). One timed call is one training step; the variants run interleaved:
 
 - ``plain``: forward, cross-entropy, backward, ``opt.step()``, ``opt.zero_grad()``; no sparseham;
@@ -36,7 +38,8 @@ import torch.nn.functional as F
 
 from sparseham import HAM, MaskManager, SignFlipTracker, methods
 from sparseham.data import build_data
-from sparseham.models import build_model
+from sparseham.data.text import read_corpus, windows
+from sparseham.models import build_causal_lm, build_model
 from sparseham.params import prunable_parameters
 from sparseham.train.build import lr_factor
 from sparseham.train.logger import RunLogger
@@ -52,7 +55,10 @@ else:  # run as a script: benchmarks/ is on sys.path
 __all__ = ["INPUTS", "TARGET", "bench", "main"]
 
 TARGET = 0.9  # plain / trainer throughput ratio
-INPUTS = {"lenet5": (1, 28), "resnet20": (3, 32), "resnet18_cifar": (3, 32)}  # channels, size
+INPUTS = {"lenet5": (1, 28), "resnet20": (3, 32), "resnet18_cifar": (3, 32), "llama_tiny": (0, 128)}
+# configs/lm_rigl_ham.yaml's model; its INPUTS entry is (no channels, sequence length).
+LLAMA_TINY = {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 512}
 LR, MOMENTUM, WD, ALPHA, BETA, SPARSITY, UPDATE_EVERY, TOTAL = 0.05, 0.9, 5e-4, 50.0, 1e-3, 0.9, 100, 10_000
 
 
@@ -74,7 +80,15 @@ class _Accumulators:
 def _model(name: str, device: torch.device, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     channels, size = INPUTS[name]
+    if name == "llama_tiny":
+        model = build_causal_lm("LlamaForCausalLM", vocab_size=256, seq_len=size, options=LLAMA_TINY)
+        return model.to(device)
     return build_model(name, num_classes=10, in_channels=channels, image_size=size).to(device)
+
+
+def _managed(model: torch.nn.Module) -> list[str] | None:
+    """What the trainer manages by default: a language model names its own projections."""
+    return getattr(model, "default_managed", None)
 
 
 def _sgd(model: torch.nn.Module, ham: bool) -> torch.optim.Optimizer:
@@ -85,7 +99,8 @@ def _sgd(model: torch.nn.Module, ham: bool) -> torch.optim.Optimizer:
 def _manager(model, opt, tracker: bool) -> MaskManager:
     """RigL at 90% ERK, updating every 100 steps, with or without a tracker."""
     rigl = methods.get("rigl")(SPARSITY, distribution="erk", update_every=UPDATE_EVERY)
-    return MaskManager(model, opt, rigl, SignFlipTracker() if tracker else None, total_steps=TOTAL)
+    return MaskManager(model, opt, rigl, SignFlipTracker() if tracker else None, _managed(model),
+                       total_steps=TOTAL)
 
 
 def _loop(model, step, batches, amp) -> Callable[[], None]:
@@ -147,7 +162,7 @@ def _variants(name, batches, device, amp, seed) -> tuple[dict, dict]:
     fns["ham"] = _loop(m, _plain_step(_sgd(m, True)), batches, amp)
     m = _model(name, device, seed)
     tr = SignFlipTracker()
-    weights = [p for _, p in prunable_parameters(m)]
+    weights = [p for _, p in prunable_parameters(m, _managed(m))]
     tr.attach([str(i) for i in range(len(weights))], weights)
     fns["tracker"] = _loop(m, _plain_step(_sgd(m, False), lambda: tr.update(weights, None)), batches, amp)
     m = _model(name, device, seed)
@@ -189,6 +204,9 @@ def _update_seconds(mm: MaskManager, batch, repeats: int, device: torch.device) 
 
 def _batches(name: str, batch: int, device: torch.device, seed: int, count: int = 8) -> list:
     channels, size = INPUTS[name]
+    if name == "llama_tiny":
+        rows = windows(read_corpus("stdlib", batch * count * (size + 1)), size).long()
+        return [(w[:, :-1].to(device), w[:, 1:].reshape(-1).to(device)) for w in rows.split(batch)]
     options = {"channels": channels, "size": size, "classes": 10, "train_size": batch * count,
                "test_size": batch}
     data = build_data("synthetic", batch_size=batch, seed=seed, synthetic=options)
@@ -211,6 +229,8 @@ def bench(name: str, batch: int, repeats: int, *, device: torch.device, amp: tor
     out = {"model": name, "batch": batch, "device": str(device), "amp": str(amp), "repeats": repeats,
            "seconds_per_step": {k: vars(s) for k, s in stats.items()},
            "samples_per_s": {k: batch / s.median for k, s in stats.items()},
+           "tokens_per_s": {k: batch * INPUTS[name][1] / s.median for k, s in stats.items()}
+           if name == "llama_tiny" else None,
            "ratio_plain_over": {k: paired_ratio(samples["plain"], v)
                                 for k, v in samples.items() if k != "plain"},
            "rigl_update_s": update_s,
@@ -223,6 +243,10 @@ def bench(name: str, batch: int, repeats: int, *, device: torch.device, amp: tor
     return out
 
 
+def _tokens(out: dict, variant: str) -> str:
+    return f" {out['tokens_per_s'][variant]:8.0f} tokens/s" if out["tokens_per_s"] else ""
+
+
 def _print(out: dict) -> None:
     print(f"\n{out['model']}, batch {out['batch']} on {out['device']} (autocast {out['amp']}), "
           f"{out['repeats']} interleaved steps per variant")
@@ -230,7 +254,7 @@ def _print(out: dict) -> None:
         r = out["ratio_plain_over"].get(k)
         rel = "" if r is None else f"   plain/{k} {r['median']:.3f} [IQR {r['q1']:.3f}-{r['q3']:.3f}]"
         print(f"  {k:<9} {s['median'] * 1e3:8.2f} ms [IQR {s['q1'] * 1e3:.2f}-{s['q3'] * 1e3:.2f}] "
-              f"{out['samples_per_s'][k]:8.0f} samples/s{rel}")
+              f"{out['samples_per_s'][k]:8.0f} samples/s{_tokens(out, k)}{rel}")
     o, a = out["ham_tracking_overhead_pct"], out["ratio_plain_over_trainer_amortized"]
     print(f"  HAM + tracking: {o['median']:.1f}% [IQR {o['q1']:.1f}-{o['q3']:.1f}] of the pipeline step "
           "(1 - masks/pipeline)")
