@@ -94,6 +94,31 @@ def test_a_deep_base_chain_and_a_file_that_is_not_a_config(tmp_path, capsys):
     assert message.startswith(f"{secret}: a key that is not a config key; is this a sparseham config?")
 
 
+def test_out_on_a_file_and_names_too_long(tmp_path, capsys):
+    file = tmp_path / "afile"
+    file.write_text("keep me")
+    assert _one_line(capsys, ["--config", "default", "--out", file]) == \
+        f"--out {file} is a file, not a run directory; choose another --out"
+    assert file.read_text() == "keep me"
+    long = tmp_path / ("x" * 300)
+    message = _one_line(capsys, ["--config", "default", "--out", long])
+    assert message.endswith("has 300 bytes, more than the 255 this file system allows; shorten "
+                            "experiment.name or --out")
+    deep = tmp_path.joinpath(*["y" * 200] * 25)
+    message = _one_line(capsys, ["--config", "default", "--out", deep])
+    assert message.startswith("the run directory's path is longer than this file system's")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize(("content", "where"), [(b"\x00\x01\x02binary", "'\\x00' at byte 0"),
+                                                (b"ham: {alpha: 1}\x00\n", "'\\x00' at byte 15")])
+def test_a_binary_config_names_the_file_and_the_byte(tmp_path, capsys, content, where):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(content)
+    assert _one_line(capsys, ["--config", path, "--out", tmp_path / "r"]) == (
+        f"{path}: not a YAML text file: character {where} (a binary file, or text with control characters)")
+
+
 def test_final_json_is_strict_json(tmp_path, capsys):
     sets = ["data.dataset=synthetic", "model.name=lenet300", "train.max_steps=4", "logging.tensorboard=false",
             "ham.enabled=false", "optim.lr=1e30", "train.on_nonfinite=skip"]

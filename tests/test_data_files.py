@@ -180,3 +180,30 @@ def test_malformed_mnist_cache_raises_data_error(tmp_path):
     path.write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(DataError, match=r"mnist\.npz: unreadable .*delete it and run 'sparseham fetch "):
         load_mnist(tmp_path)
+
+
+@pytest.mark.parametrize(("labels", "shown"), [
+    (np.zeros((4, 1), dtype=np.int64), r"int64 \(4, 1\)"),
+    (np.array([0.0, 1.7, 2.2, 3.9]), r"float64 \(4,\)"),  # would be truncated silently
+])
+def test_mnist_labels_must_be_integers_of_shape_n(tmp_path, labels, shown):
+    (tmp_path / "mnist").mkdir()
+    x = np.zeros((4, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "mnist" / "mnist.npz", x_train=x, y_train=labels, x_test=x,
+             y_test=np.zeros(4, np.int64))
+    with pytest.raises(DataError, match=rf"mnist\.npz: labels of {shown}, expected integers of shape \(N,\)"):
+        load_mnist(tmp_path)
+
+
+def test_a_copy_under_the_root_wins_over_the_system_copy_and_is_named(fashion_root, monkeypatch):
+    system = fashion_root / "system"
+    system.mkdir()
+    for path in (fashion_root / "fashion_mnist").iterdir():  # a second, different copy
+        (system / path.name).write_bytes(path.read_bytes())
+    _write_idx(system / "t10k-labels-idx1-ubyte.gz", np.full(10, 9))
+    monkeypatch.setattr(data_files, "FASHION_SYSTEM_DIR", system)
+    data = build_data("fashion_mnist", root=str(fashion_root), batch_size=5, seed=0)
+    assert data.test.y.tolist() == list(range(10)) and data.info.source == str(fashion_root / "fashion_mnist")
+    (fashion_root / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz").unlink()  # incomplete: the system copy
+    data = build_data("fashion_mnist", root=str(fashion_root), batch_size=5, seed=0)
+    assert data.test.y.tolist() == [9] * 10 and data.info.source == str(system)

@@ -78,6 +78,10 @@ def _yaml_problem(error: Exception) -> str:
         return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
     if isinstance(error, RecursionError):
         return "invalid YAML: nested too deeply"
+    if isinstance(error, yaml.reader.ReaderError):  # a byte no YAML text holds: NUL, other controls
+        char = chr(error.character) if isinstance(error.character, int) else error.character
+        return (f"not a YAML text file: character {char!r} at byte {error.position} "
+                "(a binary file, or text with control characters)")
     # Never the error's own text: PyYAML quotes the offending line, and the file may not be YAML
     # at all (``base: /etc/shadow``).
     return f"invalid YAML ({type(error).__name__})"

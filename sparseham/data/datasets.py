@@ -57,6 +57,7 @@ class DatasetInfo:
         test_size: Test samples.
         seq_len: Tokens per sample of a language-modelling set (``text``); 0 for images, whose
             ``num_classes`` is the vocabulary size and ``image_size`` the sequence length there.
+        source: The files the data came from ("" for generated data).
     """
 
     name: str
@@ -67,6 +68,7 @@ class DatasetInfo:
     val_size: int
     test_size: int
     seq_len: int = 0
+    source: str = ""
 
 
 @dataclass
@@ -196,7 +198,7 @@ def _in_memory(req: _Request) -> Data:
     val = TensorLoader(arrays.x_train, arrays.y_train, val_idx, **evals) if len(val_idx) else None
     test = TensorLoader(arrays.x_test, arrays.y_test, torch.arange(len(arrays.y_test)), **evals)
     info = DatasetInfo(req.name, arrays.num_classes, channels, size, len(train_idx),
-                       len(val_idx), len(arrays.y_test))
+                       len(val_idx), len(arrays.y_test), source=arrays.source)
     return Data(train=train, test=test, val=val, info=info)
 
 
@@ -230,7 +232,7 @@ def _imagenet(req: _Request) -> Data:
     test = FolderLoader(val_set.samples, val_set.loader, center, torch.arange(len(val_set)),
                         **evals)
     info = DatasetInfo("imagenet", len(train_set.classes), 3, 224, len(train_idx),
-                       len(val_idx), len(val_set))
+                       len(val_idx), len(val_set), source=str(req.root))
     return Data(train=train, test=test, val=val, info=info)
 
 
@@ -247,7 +249,7 @@ def _text(req: _Request) -> Data:
                         "training; raise data.text.max_bytes or lower seq_len")
     evals = {"train": False, "batch_size": req.eval_batch_size, **req.loader_args}
     info = DatasetInfo("text", VOCAB_SIZE, 1, int(options["seq_len"]), train, val, test,
-                       seq_len=int(options["seq_len"]))
+                       seq_len=int(options["seq_len"]), source=str(options["source"]))
     return Data(train=TokenLoader(rows[:train], train=True, batch_size=req.batch_size, **req.loader_args),
                 test=TokenLoader(rows[n - test:], **evals),
                 val=TokenLoader(rows[train:train + val], **evals) if val else None, info=info)

@@ -80,6 +80,7 @@ class Arrays:
         x_test: Test images, same layout as ``x_train``.
         y_test: Test labels, int64.
         num_classes: Labels lie in ``[0, num_classes)``.
+        source: Where the files were read from (the run says which copy it used).
     """
 
     x_train: Tensor
@@ -87,6 +88,7 @@ class Arrays:
     x_test: Tensor
     y_test: Tensor
     num_classes: int
+    source: str = ""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -164,6 +166,9 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: object) -> None:
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where}: labels of {labels.dtype} {labels.shape}, expected integers of shape "
+                        "(N,); the file is corrupt or not this data set's, fetch it again")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         raise DataError(f"{where}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside "
@@ -173,12 +178,13 @@ def _check_labels(labels: np.ndarray, num_classes: int, where: object) -> None:
 def find_fashion_mnist(root: str | Path) -> dict[str, Path] | None:
     """Finds the four Fashion-MNIST idx files, or returns None.
 
-    Looks in :data:`FASHION_SYSTEM_DIR`, then ``root/fashion_mnist/``, then torchvision's
-    ``root/FashionMNIST/raw/``; in each, a file may be gzipped or not. The first directory
-    that holds all four files wins.
+    Looks in ``root/fashion_mnist/``, then torchvision's ``root/FashionMNIST/raw/``, then
+    :data:`FASHION_SYSTEM_DIR`; in each, a file may be gzipped or not. The first directory that
+    holds all four files wins: a copy under ``data.root`` is the user's choice, so it comes
+    before the Debian package's.
     """
-    for folder in (FASHION_SYSTEM_DIR, Path(root) / "fashion_mnist",
-                   Path(root) / "FashionMNIST" / "raw"):
+    for folder in (Path(root) / "fashion_mnist", Path(root) / "FashionMNIST" / "raw",
+                   FASHION_SYSTEM_DIR):
         found = {}
         for key, stem in FASHION_FILES.items():
             for candidate in (folder / stem, folder / f"{stem}.gz"):
@@ -214,7 +220,7 @@ def load_fashion_mnist(root: str | Path) -> Arrays:
         )
     x_train, y_train = _pair(files["x_train"], files["y_train"], 10)
     x_test, y_test = _pair(files["x_test"], files["y_test"], 10)
-    return Arrays(x_train, y_train, x_test, y_test, 10)
+    return Arrays(x_train, y_train, x_test, y_test, 10, str(files["x_train"].parent))
 
 
 def load_mnist(root: str | Path) -> Arrays:
@@ -240,7 +246,7 @@ def load_mnist(root: str | Path) -> Arrays:
         _check_labels(y, 10, path)
     t = {k: torch.from_numpy(v) for k, v in parts.items()}
     return Arrays(t["x_train"].unsqueeze(1), t["y_train"].long(),
-                  t["x_test"].unsqueeze(1), t["y_test"].long(), 10)
+                  t["x_test"].unsqueeze(1), t["y_test"].long(), 10, str(path))
 
 
 def _cifar_file(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -293,4 +299,4 @@ def load_cifar(name: str, root: str | Path) -> Arrays:
             parts.append(_cifar_file(path, label_key, classes))
         x = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
         split[key] = (torch.from_numpy(x), torch.from_numpy(np.concatenate([p[1] for p in parts])))
-    return Arrays(*split["train"], *split["test"], classes)
+    return Arrays(*split["train"], *split["test"], classes, str(cifar_paths(name, root)[0][0].parent))

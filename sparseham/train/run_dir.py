@@ -92,6 +92,38 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # ENAMETOOLONG: a path the file system cannot hold does not exist
+        return False
+
+
+def check_run_path(run_dir: Path) -> None:
+    """Refuse, before anything is created, a run directory this file system cannot hold: a path
+    onto an existing file, or a name longer than the file system allows.
+
+    Raises:
+        RunDirError: the reason and what to change, in one line.
+    """
+    parent = next(p for p in run_dir.absolute().parents if _exists(p))
+    try:
+        name_max, path_max = os.pathconf(parent, "PC_NAME_MAX"), os.pathconf(parent, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    longest = max(run_dir.absolute().parts, key=lambda part: len(os.fsencode(part)))
+    if len(os.fsencode(longest)) > name_max:
+        raise RunDirError(f"the run directory's name {longest[:40]}... has {len(os.fsencode(longest))} "
+                          f"bytes, more than the {name_max} this file system allows; shorten "
+                          "experiment.name or --out")
+    # Room for the longest file a run writes inside it (a checkpoint's temporary name).
+    if len(os.fsencode(str(run_dir.absolute()))) + 40 > path_max:
+        raise RunDirError(f"the run directory's path is longer than this file system's {path_max} "
+                          "bytes allow; choose a shorter --out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out {run_dir} is a file, not a run directory; choose another --out")
+
+
 def prepare_run_dir(run_dir: Path, cfg: Config, *, force: bool = False) -> bool:
     """Create ``run_dir`` or check that it holds this same run. Returns False when it is finished.
 

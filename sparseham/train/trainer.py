@@ -38,6 +38,7 @@ from sparseham.train.run_dir import (
     RunDirError,
     RunLock,
     check_final_sparsity,
+    check_run_path,
     config_difference,
     final_summary,
     prepare_run_dir,
@@ -171,8 +172,12 @@ class Trainer:
                                 steps_per_epoch=self.steps_per_epoch, enabled=self.dist.is_main)
         if self._logger_state:
             self.logger.load_state_dict(self._logger_state)
+        source = self.data.info.source
         self.logger.event({"event": "start", "step": start, "total_steps": self.total, "resumed": bool(start),
-                           "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size})
+                           "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size,
+                           "data_source": source})
+        if source and self.dist.is_main and self.cfg.logging.progress:
+            print(f"data: {self.cfg.data.dataset} from {source}", flush=True)
         previous = self._install_signals()
         try:
             while self.step < self.total:
@@ -328,6 +333,7 @@ def run(cfg: Config, run_dir: Path, *, force: bool = False) -> int:
     a bad dataset or model leaves nothing behind.
     """
     main = int(os.environ.get("RANK", "0")) == 0
+    check_run_path(run_dir)
     created = not run_dir.exists()
     lock = RunLock(run_dir) if main else None
     try:
