@@ -574,6 +574,32 @@ def test_sigkill_at_random_moments_never_corrupts_the_run(reference, tmp_path, c
         assert mine[key] == theirs[key], key
 
 
+def _history(run_dir):
+    """metrics.jsonl without what differs between equal runs (times, rates, resumption)."""
+    volatile = {"time_s", "wall_time_s", "samples_per_s", "resumed", "data_source"}
+    return [{k: v for k, v in json.loads(line).items() if k not in volatile}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_first_checkpoint_leaves_no_duplicate_records(reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(3):  # until the kill lands inside the first checkpoint's write
+        proc = subprocess.Popen(command(out, RUN), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+        assert kill_at(proc, out, "write", 5)
+        if not (out / "checkpoint.pt").exists():
+            break
+        shutil.rmtree(out)
+    assert not (out / "checkpoint.pt").exists() and (out / "metrics.jsonl").read_text()
+    code, _, err = main(capsys, "--config", CONFIG, "--out", out, *sets_argv(RUN))
+    assert code == 0, err
+    mine = _history(out)
+    assert [e["event"] for e in mine].count("start") == 1
+    assert mine == _history(reference)  # the first attempt left nothing behind
+
+
 # -- 5. invariants at run time ------------------------------------------------------------------
 def first_pruned(mm):
     return int((~mm.masks[0]).flatten().nonzero()[0])

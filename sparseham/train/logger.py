@@ -33,8 +33,11 @@ __all__ = ["RunLogger", "JsonlWriter", "perplexity", "truncate_jsonl"]
 def truncate_jsonl(path: Path, step: int) -> None:
     """Drop records after ``step`` (and torn or foreign lines): a resumed run rewrites them.
 
-    The kept records go to a new file that then replaces the old one atomically, so a write that
-    fails half-way (a full disk) leaves the whole history in place.
+    A resumed run also writes its own ``start`` record at ``step``, so an earlier attempt's start
+    there goes; and a run that starts over from step 0 (killed before its first checkpoint) keeps
+    nothing of the attempt it repeats. The kept records go to a new file that then replaces the
+    old one atomically, so a write that fails half-way (a full disk) leaves the whole history in
+    place.
     """
     if not path.exists():
         return
@@ -45,7 +48,9 @@ def truncate_jsonl(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             continue
         at = record.get("step", 0) if isinstance(record, dict) else None
-        if isinstance(at, (int, float)) and not isinstance(at, bool) and at <= step:
+        if not isinstance(at, (int, float)) or isinstance(at, bool) or at > step:
+            continue
+        if at < step or (step > 0 and record.get("event") != "start"):
             kept.append(line)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
