@@ -149,7 +149,7 @@ CONFIG_ERRORS = {
     "unknown model": (
         CONFIG,
         ["model.name=lenet3000"],
-        ["did you mean 'lenet300'?", "or torchvision:<name>"],
+        ["did you mean 'lenet300'?", "torchvision:<name> or hf:<architecture>"],
     ),
     "malformed YAML": ("bad.yaml", [], ["bad.yaml: invalid YAML at line 2, column 1"]),
     "missing file": ("nope.yaml", [], ["config file not found: ", "nope.yaml"]),
@@ -572,6 +572,28 @@ def test_sigkill_at_random_moments_never_corrupts_the_run(reference, tmp_path, c
         "skipped_steps",
     ):
         assert mine[key] == theirs[key], key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.3, 1.2, 2.5])
+def test_ctrl_c_during_start_up_is_one_line_and_the_rerun_finishes(tmp_path, delay):
+    # Up to ~3 s torch is being imported, then the run is set up. (In the first ~50 ms the
+    # interpreter itself is starting, and a Ctrl-C there is Python's own "Fatal Python error".)
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "sparseham", "train", "--config", CONFIG, "--out", str(out),
+            *sets_argv(FAST)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip(f"the run finished within {delay} s")
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
+    # Before training: the line "interrupted" on stderr; once the loop runs, its stop line on stdout.
+    last = err.strip().splitlines()[-1:]
+    assert last == ["interrupted"] or "SIGINT: stopped at step" in stdout, (stdout, err)
+    assert train_main(["--config", CONFIG, "--out", str(out), *sets_argv(FAST)]) == 0
 
 
 def _history(run_dir):
