@@ -19,6 +19,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,9 +70,22 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", flush=True)
 
 
+def _thread_error(args: threading.ExceptHookArgs) -> None:
+    # TensorBoard writes from its own thread; a full disk there is one warning line, not a
+    # traceback. The run goes on (metrics.jsonl is written by the main thread, which reports a
+    # full disk itself as the one-line error).
+    if issubclass(args.exc_type, OSError):
+        error = args.exc_value
+        print(f"warning: a background writer stopped ({getattr(error, 'strerror', None) or error}): "
+              "TensorBoard's event file ends here", flush=True)
+        return
+    threading.__excepthook__(args)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``sparseham train``; returns the exit status."""
     warnings.showwarning = _one_line_warning
+    threading.excepthook = _thread_error
     from sparseham.config import ConfigError, dump_config, help_text, load_config
     from sparseham.data import DataError
     from sparseham.masks import MaskInvariantError

@@ -482,6 +482,23 @@ def test_disk_full_while_logging_is_one_line_and_the_rerun_finishes(tmp_path, ca
     assert code == 0 and json.loads((out / "final.json").read_text())["steps"] == 12, err
 
 
+@pytest.mark.slow
+def test_disk_full_under_tensorboard_is_one_line_without_a_thread_traceback(tmp_path):
+    # TensorBoard writes from its own thread; histograms every step fill the limit quickly.
+    sets = [s for s in FAST if not s.startswith("logging.tensorboard")] + ["logging.log_every=1",
+                                                                          "logging.histograms_every=1"]
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, resource.RLIM_INFINITY))
+
+    out = tmp_path / "run"
+    proc = subprocess.run(command(out, sets), cwd=ROOT, capture_output=True, text=True, preexec_fn=limit,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 1 and one_line_error(proc.stderr).endswith(RUN_DIR_FIX), proc.stderr
+    assert "Traceback" not in proc.stdout
+
+
 def test_unusable_run_directory_is_one_line_with_status_1(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / "run"
