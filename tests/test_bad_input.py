@@ -227,3 +227,17 @@ def test_an_alias_bomb_through_train_py_exits_2(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr
     assert proc.stderr.strip().endswith("aliases (*a) are not allowed in configs; write the values out")
     assert not (tmp_path / "run").exists()
+
+
+def test_force_never_overwrites_a_run_already_moved_aside(tmp_path, capsys, monkeypatch):
+    # Three --force runs within one second would all pick run.replaced-<the same second>.
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20261202-000000")
+    out = tmp_path / "run"
+    fast = ["data.dataset=synthetic", "model.name=lenet300", "train.max_steps=2", "logging.tensorboard=false",
+            "logging.progress=false"]
+    for lr in ("0.01", "0.02", "0.03"):
+        argv = ["--config", "default", "--out", out, "--force", *[a for s in [*fast, f"optim.lr={lr}"]
+                                                                  for a in ("--set", s)]]
+        assert train_main([str(a) for a in argv]) == 0, capsys.readouterr()
+    lrs = {p.name: json.loads((p / "final.json").read_text())["lr"] for p in tmp_path.iterdir()}
+    assert lrs == {"run": 0.03, "run.replaced-20261202-000000": 0.01, "run.replaced-20261202-000000-2": 0.02}
