@@ -25,9 +25,14 @@ HAM acts on the latent :math:`W` and, with ``ham_threshold: true`` (the default)
 ``project_at``, and the thresholds' weight decay is scaled by :math:`\exp(\text{gain}\cdot
 (s^*(t) - s(t)) / s_f)`; decay drives the thresholds, the loss gradient pushes back, and STR
 keeps choosing the per-layer allocation. At ``project_at`` a projection onto the exact target
-with one global magnitude threshold corrects what is left, and the rest of training fine-tunes
-that mask. How many kept weights the projection moved, and the per-layer densities before and
-after it, are recorded (``projection``). Either way the saved weights are the effective sparse
+corrects what is left, and the rest of training fine-tunes that mask. The projection keeps STR's
+allocation: each layer keeps its share of the exact budget in proportion to the weights STR kept
+there (layers in ``dense_layers``/``layer_density`` keep their own counts), by the largest
+latent |W|, which within a layer is STR's own mask, |W| > σ(s_l); so it moves only what the
+remaining sparsity error demands. (A global magnitude threshold here, as before, re-chose
+the allocation: it moved 3.6% of the kept weights at 90% on LeNet-300.) How many kept weights
+the projection moved, and the per-layer densities before and after it, are recorded
+(``projection``). Either way the saved weights are the effective sparse
 weights and the mask matches them.
 """
 
@@ -40,11 +45,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sparseham.distributions import fixed_counts
 from sparseham.method import Method
 from sparseham.schedules import cubic_sparsity
+from sparseham.topk import topk_mask
 
 from . import register
-from ._common import magnitude_masks
+from ._common import shapes_of
 
 __all__ = ["STR", "SoftThreshold"]
 
@@ -96,6 +103,33 @@ class STROptions:
             raise ValueError(f"s_weight_decay must be >= 0, got {self.s_weight_decay}")
         if not (isinstance(self.control_every, int) and self.control_every >= 1) or self.gain < 0:
             raise ValueError(f"need control_every >= 1 and gain >= 0, got {self.control_every}, {self.gain}")
+
+
+def allocate(total: int, weights: list[int], caps: list[int]) -> list[int]:
+    """``total`` split over layers in proportion to ``weights`` (by capacity where all are 0),
+    each at most its cap, summing exactly to ``min(total, sum(caps))``: layers whose share
+    exceeds their cap are filled first, the rest is shared by largest remainders."""
+    counts, open_ = [0] * len(caps), [i for i, c in enumerate(caps) if c > 0]
+    left = min(total, sum(caps))
+    while left > 0 and open_:
+        by = weights if any(weights[i] for i in open_) else caps
+        basis = {i: by[i] for i in open_}
+        scale = left / sum(basis.values())
+        full = [i for i in open_ if basis[i] * scale >= caps[i]]
+        if full:  # fill them, and share what is left among the others
+            for i in full:
+                counts[i] = caps[i]
+            left -= sum(caps[i] for i in full)
+            open_ = [i for i in open_ if i not in full]
+            continue
+        exact = {i: basis[i] * scale for i in open_}
+        for i in open_:
+            counts[i] = math.floor(exact[i])
+        rest = left - sum(counts[i] for i in open_)
+        for i in sorted(open_, key=lambda i: (exact[i] - counts[i], basis[i]), reverse=True)[:rest]:
+            counts[i] += 1
+        break
+    return counts
 
 
 def _owner(model: nn.Module, name: str) -> nn.Module:
@@ -170,10 +204,22 @@ class STR(Method):
 
     def _project(self, manager) -> None:
         before = self._implicit_masks()
+        # Ranked by the latent |W|: its top k_l in a layer is STR's own mask |W| > sigma(s_l), and
+        # a layer that gains weights gets those just below its threshold.
+        latent = [m.parametrizations.weight.original.detach().abs() for m in self.modules]
         self._bake(manager)
-        masks, expected = magnitude_masks(
-            manager, manager.params, self.target, "global", self.dense_layers, self.layer_density
-        )
+        shapes = shapes_of(manager)
+        given = fixed_counts(shapes, self.layer_density, self.dense_layers)
+        numels = [p.numel() for p in manager.params]
+        goal = round((1.0 - self.target) * sum(numels)) - sum(given.values())
+        if goal < 0:
+            raise ValueError(f"str: the dense layers alone hold more than {1 - self.target:.4g} of the "
+                             "weights; lower the target or keep fewer layers dense")
+        free = [n not in given for n in manager.names]
+        shares = allocate(goal, [int(m.sum()) if f else 0 for m, f in zip(before, free)],
+                          [k if f else 0 for k, f in zip(numels, free)])
+        expected = [given.get(n, k) for n, k in zip(manager.names, shares)]
+        masks = [topk_mask(score, k) for score, k in zip(latent, expected)]
         # Moved: weights the projection pruned or revived, as a fraction of the weights it keeps.
         moved = sum(int(torch.count_nonzero(a ^ b)) for a, b in zip(before, masks))
         kept = sum(int(m.sum()) for m in masks)

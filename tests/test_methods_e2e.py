@@ -58,3 +58,23 @@ def test_str_modes_through_the_app(mode, tmp_path):
     kept = round(0.1 * numel)
     assert projection["step"] == 32 and projection["moved_fraction"] == projection["moved"] / kept
     assert set(projection["densities_before"]) == set(projection["densities_after"]) == set(final["layers"])
+    # The projection keeps STR's allocation: each layer's kept count scales by the same factor, so
+    # it moves exactly the weights the sparsity error demands.
+    numels = {n: layer["numel"] for n, layer in final["layers"].items()}
+    before = {n: round(d * numels[n]) for n, d in projection["densities_before"].items()}
+    after = {n: round(d * numels[n]) for n, d in projection["densities_after"].items()}
+    scale = kept / sum(before.values())
+    assert all(abs(after[n] - before[n] * scale) <= 1 for n in numels)
+    assert projection["moved"] == sum(abs(after[n] - before[n]) for n in numels)
+
+
+@pytest.mark.parametrize(("total", "weights", "caps", "expected"), [
+    (10, [1, 1, 1], [5, 5, 5], [4, 3, 3]),      # largest remainders, exact sum
+    (10, [0, 0, 0], [2, 8, 10], [1, 4, 5]),     # nothing kept anywhere: by capacity
+    (10, [9, 1, 0], [3, 100, 100], [3, 7, 0]),  # a full layer's excess goes to the others
+    (0, [1], [4], [0]),
+])
+def test_str_allocation_split(total, weights, caps, expected):
+    from sparseham.methods.str import allocate
+
+    assert allocate(total, weights, caps) == expected
