@@ -23,10 +23,13 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from sparseham.analysis.cells import read_rows  # noqa: E402
 
-__all__ = ["COLLAPSE", "PAPER_ALPHA", "choose_clamp", "load", "select", "write"]
+__all__ = ["COLLAPSE", "DEFAULTS", "FIRST_VERSION", "PAPER_ALPHA", "against", "choose_clamp", "load",
+           "select", "write"]
 
 COLLAPSE = 0.05
 PAPER_ALPHA = 200.0
+DEFAULTS = (200.0, 0.02)  # HAM's defaults: alpha, clamp
+FIRST_VERSION = (50.0, 5.0)  # the first version's tuned alpha with the authors' clamp
 
 
 def _cell(row: dict) -> tuple[str, str, str]:
@@ -72,6 +75,20 @@ def choose_clamp(ranking: list[dict]) -> dict | None:
             if not any(r["collapses"] for r in ranking if r["clamp"] == c)}
     at_paper = [r for r in ranking if r["clamp"] in safe and r["alpha"] == PAPER_ALPHA]
     return max(at_paper, key=lambda r: r["mean_gain"], default=None)
+
+
+def against(base, grid, new=DEFAULTS, old=FIRST_VERSION) -> list[dict]:
+    """Per method, over the (cell, seed) runs that have both settings: runs, collapses of each and
+    the mean gain (points) of each; the issue's acceptance compares the two on the same runs."""
+    both = defaultdict(list)
+    for cell, runs in grid.items():
+        for seed in set(runs.get(new, {})) & set(runs.get(old, {})) & set(base[cell]):
+            both[cell[1]].append((runs[new][seed] - base[cell][seed], runs[old][seed] - base[cell][seed]))
+    return [{"method": m, "runs": len(g), "new_collapses": sum(a < -COLLAPSE for a, _ in g),
+             "old_collapses": sum(b < -COLLAPSE for _, b in g),
+             "new_gain": 100 * statistics.mean(a for a, _ in g),
+             "old_gain": 100 * statistics.mean(b for _, b in g)}
+            for m, g in sorted(both.items())]
 
 
 def _mean(values) -> float:
@@ -121,6 +138,15 @@ def write(csv_path: Path, out: Path) -> Path:
         lines += ["", f"By the rule (no collapse at any alpha, then the highest mean gain at alpha "
                   f"{PAPER_ALPHA:g}): clamp {chosen['clamp']:g} ({chosen['mean_gain']:+.2f} points on "
                   f"average, {chosen['min_gain']:+.2f} at least, over {chosen['runs']} runs)."]
+    rows = against(base, grid)
+    if rows:
+        (a, c), (a0, c0) = DEFAULTS, FIRST_VERSION
+        lines += ["", f"## The defaults (alpha {a:g}, clamp {c:g}) against alpha {a0:g} with clamp {c0:g}",
+                  "", "Over the runs (cell, seed) that have both, per method: collapses and mean gain over "
+                  "no HAM.", "", "| method | runs | collapses, defaults | collapses, first version | "
+                  "mean gain, defaults | mean gain, first version |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['runs']} | {r['new_collapses']} | {r['old_collapses']} | "
+                  f"{r['new_gain']:+.2f} | {r['old_gain']:+.2f} |" for r in rows]
     for model in sorted({c[0] for c in grid}):
         path = out / f"heatmap_{model}.png"
         _heatmap(model, base, grid, alphas, clamps, path)

@@ -9,10 +9,14 @@ random weights and gradients, one process, repeats interleaved:
 - ``ham`` / ``ham_nocap``: the same SGD inside ``sparseham.HAM(foreach=True)``, with the default
   ``max_norm=1000`` and with ``max_norm=None`` (the norm cap is an extra pass);
 - ``ham_fused`` / ``ham_fused_nocap``: the same with ``fused=True`` (compile time reported apart);
+  at the default clamp 0.02 the compiled pass computes ``exp`` as a degree-3 polynomial;
 - ``ham_fused_nodiag`` / ``ham_fused_diag1``: ``fused=True`` with ``diagnostics=0`` (no clamp
   count) and ``=1`` (a count every step); the default counts every 10th step, so the cost of
   HAM's on-device diagnostics is (ham_fused - ham_fused_nodiag) / SGD (target <= 0.1), and
   (ham_fused_diag1 - ham_fused_nodiag) / SGD on a counted step;
+- ``mirror_poly`` / ``mirror_exp``: the compiled mirror pass alone (no base step, no cap, no
+  count) at the default clamp, on the same tensors, with the polynomial ``exp_poly_degree`` picks
+  and with ``torch.exp``: only the factor's computation differs;
 - ``roofline``: one ``torch._foreach_add_(params, grads, alpha=1e-12)``, i.e. read two tensors and
   write one, the least a step that reads the gradient can do.
 
@@ -38,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 import sparseham
+from sparseham._ham_kernels import _compiled_pass, exp_poly_degree
 
 if __package__:
     from ._common import interleaved, machine, model_shapes, summarize
@@ -45,6 +50,7 @@ else:  # run as a script: benchmarks/ is on sys.path
     from _common import interleaved, machine, model_shapes, summarize
 
 LR, MOMENTUM, ALPHA, BETA = 0.01, 0.9, 200.0, 1e-3
+CLAMP = 0.02  # HAM's default trust region
 TARGETS = {"foreach": 2.0, "fused": 0.75, "diagnostics": 0.1}
 HAM_VARIANTS = {  # name: HAM keyword arguments
     "ham": {"foreach": True},
@@ -78,6 +84,16 @@ def _state_size(opt: torch.optim.Optimizer) -> tuple[int, int]:
     return len(tensors), sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _mirror_fns(weights: list[Tensor], grads: list[Tensor]) -> dict:
+    """The compiled mirror pass alone with the polynomial and with torch.exp, on one weight copy."""
+    mirrored = [w.clone() for w in weights]
+    fns = {}
+    for name, degree in (("mirror_poly", exp_poly_degree(CLAMP)), ("mirror_exp", None)):
+        step = _compiled_pass(degree)
+        fns[name] = lambda step=step: step(mirrored, grads, mirrored, LR, ALPHA, BETA, CLAMP, False)
+    return fns
+
+
 def _build(shapes: list[tuple[int, ...]], seed: int) -> tuple[dict, dict, dict[str, float]]:
     """The step functions, their optimizers, and the seconds of each fused variant's first step."""
     weights, grads = _tensors(shapes, seed)
@@ -85,6 +101,7 @@ def _build(shapes: list[tuple[int, ...]], seed: int) -> tuple[dict, dict, dict[s
     opts |= {name: _optimizer(weights, grads, kw) for name, kw in HAM_VARIANTS.items()}
     roof = [w.clone() for w in weights]
     fns = {name: opt.step for name, opt in opts.items()}
+    fns |= _mirror_fns(weights, grads)
     fns["roofline"] = lambda: torch._foreach_add_(roof, grads, alpha=1e-12)
     compile_s = {}
     for name in ("ham_fused", "ham_fused_nocap", "ham_fused_nodiag", "ham_fused_diag1"):
@@ -93,12 +110,16 @@ def _build(shapes: list[tuple[int, ...]], seed: int) -> tuple[dict, dict, dict[s
         compile_s[name] = time.perf_counter() - t0
         for _ in range(10):  # the counted-step graph (every 10th step by default) compiles too
             opts[name].step()
+    for name in ("mirror_poly", "mirror_exp"):
+        t0 = time.perf_counter()
+        fns[name]()
+        compile_s[name] = time.perf_counter() - t0
     return fns, opts, compile_s
 
 
-def _ratio(samples: dict[str, list[float]], ham: str, base: str, over: str) -> dict[str, float]:
-    """Per round (ham - base) / over: median and IQR."""
-    r = (np.array(samples[ham]) - np.array(samples[base])) / np.array(samples[over])
+def _ratio(samples: dict[str, list[float]], ham: str, base: str | None, over: str) -> dict[str, float]:
+    """Per round (ham - base) / over (ham / over without a base): median and IQR."""
+    r = (np.array(samples[ham]) - (np.array(samples[base]) if base else 0.0)) / np.array(samples[over])
     q1, med, q3 = np.percentile(r, [25, 50, 75])
     return {"median": float(med), "q1": float(q1), "q3": float(q3)}
 
@@ -122,9 +143,14 @@ def bench(name: str, repeats: int, seed: int) -> dict:
         "target": TARGETS["diagnostics"]}
     ratios["diagnostics/sgd fused, a counted step"] = _ratio(samples, "ham_fused_diag1", "ham_fused_nodiag",
                                                              "sgd")
+    degree = exp_poly_degree(CLAMP)
+    ratios[f"mirror pass/sgd, polynomial (degree {degree})"] = _ratio(samples, "mirror_poly", None, "sgd")
+    ratios["mirror pass/sgd, torch.exp"] = _ratio(samples, "mirror_exp", None, "sgd")
+    ratios["(exp - polynomial)/sgd"] = _ratio(samples, "mirror_exp", "mirror_poly", "sgd")
+    ratios["polynomial/exp mirror pass"] = _ratio(samples, "mirror_poly", None, "mirror_exp")
     state = {k: _state_size(opts[k]) for k in ("sgd", "ham", "ham_fused")}
     _print(name, len(shapes), numel, stats, ratios, compile_s, state)
-    return {"shapes": name, "tensors": len(shapes), "numel": numel,
+    return {"shapes": name, "tensors": len(shapes), "numel": numel, "clamp": CLAMP, "exp_poly_degree": degree,
             "seconds": {k: vars(s) for k, s in stats.items()}, "ratios": ratios,
             "compile_first_step_s": compile_s,
             "state": {k: {"tensors": t, "bytes": b} for k, (t, b) in state.items()},
@@ -140,7 +166,7 @@ def _print(name, n, numel, stats, ratios, compile_s, state) -> None:
         print(f"  {k:<16} first step (torch.compile + run; less with a warm inductor cache): {t:.1f} s")
     for k, r in ratios.items():
         target = f"  (target <= {r['target']:.2f}x)" if "target" in r else ""
-        print(f"  {k:<36} {_fmt(r)}{target}")
+        print(f"  {k:<38} {_fmt(r)}{target}")
     extra = state["ham"] != state["sgd"] or state["ham_fused"] != state["sgd"]
     print("  optimizer.state after the steps: " + ", ".join(
         f"{k} {t} tensors / {b / 1e6:.1f} MB" for k, (t, b) in state.items())

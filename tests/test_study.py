@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from _rundirs import write_run
 
 from sparseham.analysis import study
@@ -57,3 +58,16 @@ def test_the_clamp_rule_is_robustness_first():
     ]
     assert choose_clamp(rows)["clamp"] == 0.02
     assert choose_clamp([r for r in rows if r["clamp"] == 5.0]) is None
+
+
+def test_the_defaults_are_compared_on_the_same_runs():
+    from sparseham.analysis.clamp_study import against
+
+    base = {("m", "rigl", "0.9"): {"0": 0.80, "1": 0.82}, ("m", "str", "0.9"): {"0": 0.70}}
+    grid = {("m", "rigl", "0.9"): {(200.0, 0.02): {"0": 0.83, "1": 0.84}, (50.0, 5.0): {"0": 0.70}},
+            ("m", "str", "0.9"): {(200.0, 0.02): {"0": 0.75}, (50.0, 5.0): {"0": 0.76}}}
+    rows = {r["method"]: r for r in against(base, grid)}
+    assert rows["rigl"]["runs"] == 1  # seed 1 has no alpha-50 run: left out of both means
+    assert rows["rigl"]["new_gain"] == pytest.approx(3.0) and rows["rigl"]["old_gain"] == pytest.approx(-10.0)
+    assert (rows["rigl"]["new_collapses"], rows["rigl"]["old_collapses"]) == (0, 1)
+    assert rows["str"]["new_gain"] == pytest.approx(5.0) and rows["str"]["old_gain"] == pytest.approx(6.0)
