@@ -56,7 +56,8 @@ def test_str_modes_through_the_app(mode, tmp_path):
         return
     assert final["sparsity"] == pytest.approx(0.9, abs=1e-3)
     kept = round(0.1 * numel)
-    assert projection["step"] == 32 and projection["moved_fraction"] == projection["moved"] / kept
+    # The ramp ends at step 32 (project_at 0.8 of 40); the projection waits until close, by step 36.
+    assert 32 <= projection["step"] <= 36 and projection["moved_fraction"] == projection["moved"] / kept
     assert set(projection["densities_before"]) == set(projection["densities_after"]) == set(final["layers"])
     # The projection keeps STR's allocation: each layer's kept count scales by the same factor, so
     # it moves exactly the weights the sparsity error demands.
