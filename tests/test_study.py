@@ -71,3 +71,17 @@ def test_the_defaults_are_compared_on_the_same_runs():
     assert rows["rigl"]["new_gain"] == pytest.approx(3.0) and rows["rigl"]["old_gain"] == pytest.approx(-10.0)
     assert (rows["rigl"]["new_collapses"], rows["rigl"]["old_collapses"]) == (0, 1)
     assert rows["str"]["new_gain"] == pytest.approx(5.0) and rows["str"]["old_gain"] == pytest.approx(6.0)
+
+
+def test_the_clamp_rule_compares_safe_clamps_on_the_same_runs():
+    from sparseham.analysis.clamp_study import choose_clamp, select
+
+    easy, hard = ("m", "rigl", "0.9"), ("m", "str", "0.98")
+    base = {easy: {"0": 0.80}, hard: {"0": 0.50}}
+    # clamp 0.01 ran only on the easy cell (+5); clamp 0.02 on both (+6 there, +1 on the hard one)
+    grid = {easy: {(200.0, 0.01): {"0": 0.85}, (200.0, 0.02): {"0": 0.86}},
+            hard: {(200.0, 0.02): {"0": 0.51}}}
+    ranking = select(base, grid)
+    assert choose_clamp(ranking)["clamp"] == 0.01  # by the raw means (+5 against +3.5)
+    chosen = choose_clamp(ranking, base, grid)
+    assert chosen["clamp"] == 0.02 and chosen["runs"] == 1 and chosen["mean_gain"] == pytest.approx(6.0)
