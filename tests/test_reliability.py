@@ -751,7 +751,7 @@ def test_str_target_mode_ends_within_tolerance(tmp_path):
 )
 def test_final_sparsity_tolerance(target, mode, achieved, ok):
     options = SimpleNamespace(mode=mode) if mode else SimpleNamespace()
-    method = SimpleNamespace(name="m", target=target, options=options)
+    method = SimpleNamespace(name="m", target=target, options=options, promised_sparsity=lambda mm: target)
     manager = SimpleNamespace(method=method, verify=lambda: None, sparsity=lambda: achieved)
     if ok:
         assert check_final_sparsity(manager) == achieved
