@@ -224,7 +224,7 @@ class STR(Method):
         error = (want - achieved) / max(self.target, 1e-3)
         # Rate-limited: the thresholds carry momentum, so a large correction overshoots; and at
         # least 1/100 of the configured decay, so it never has to climb back from nothing.
-        factor = min(max(math.exp(self.options.gain * error), 0.5), 1.25)
+        factor = min(max(math.exp(self.options.gain * error), 0.5), 1.5)
         decay = self.group["weight_decay"] * factor
         self.group["weight_decay"] = min(max(decay, self.base_decay / 100), 1.0)
 
