@@ -63,3 +63,52 @@ def test_short_use_snippet_learns_fashion_mnist_in_one_epoch():
             seen += len(y)
     assert seen == 10_000 and correct / seen >= 0.80
     assert abs(mm.sparsity() - 0.9) < 1e-3
+
+
+def _cells(path):
+    import csv
+
+    return list(csv.DictReader((Path(__file__).resolve().parents[1] / path).open()))
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}".replace("-", "−")
+
+
+def test_the_clamp_study_numbers_in_the_readme_are_the_csvs():
+    import collections
+    import statistics
+
+    from sparseham.analysis.clamp_study import _gains, against, load
+
+    base, grid = load(Path(__file__).resolve().parents[1] / "docs/study/ham_clamp/cells.csv")
+    names = {"lenet300": "LeNet-300", "lenet5": "LeNet-5"}
+    for pair in ((200.0, 0.02), (50.0, 5.0)):
+        by = collections.defaultdict(list)
+        for cell, seed, gain in _gains(base, grid, pair):
+            by[(cell[0], seed)].append(100 * gain)
+        for (model, seed), gains in by.items():
+            row = re.search(rf"^ *\| {names[model]}, seed {seed} \|(.*)\|$", README, flags=re.M)
+            cols = [c.strip() for c in row.group(1).split("|")]
+            collapses, mean = str(sum(g < -5 for g in gains)), _signed(statistics.mean(gains))
+            if pair == (200.0, 0.02):
+                assert cols[0] == str(len(gains)) and [cols[1], cols[2], cols[3]] == [
+                    collapses, mean, _signed(min(gains))], (model, seed)
+            else:
+                assert [cols[5], cols[4]] == [collapses, mean], (model, seed)
+    names = {"dense": "dense", "static": "random PaI", "rigl": "RigL", "acdc": "AC/DC", "str": "STR"}
+    prose = " ".join(README.split())  # the sentence wraps across lines
+    for r in against(base, grid):
+        assert f"{names[r['method']]} {_signed(r['new_gain'])} against {_signed(r['old_gain'])}" in prose
+
+
+def test_the_resnet20_and_str_tables_in_the_readme_are_the_csvs():
+    rows = {(r["method"], r["ham"], r["clamp"], r["seed"]): 100 * float(r["test_acc"])
+            for r in _cells("docs/study/ham_resnet20/cells.csv")}
+    for method, name in (("dense", "dense"), ("static", "random PaI 90%"), ("rigl", "RigL 90%")):
+        plain = " / ".join(f"{rows[(method, 'False', '0.02', s)]:.2f}" for s in "01")
+        ham = " / ".join(f"{rows[(method, 'True', '0.02', s)]:.2f}" for s in "01")
+        assert re.search(rf"^ *\| {name} \| {plain} \| {ham} \|", README, flags=re.M), name
+    assert " / ".join(f"{rows[('rigl', 'True', '5.0', s)]:.2f}" for s in "01") in README
+    for r in _cells("docs/study/str_projection/cells.csv"):
+        assert float(r["sparsity"]) == pytest.approx(float(r["target"]), abs=1e-4)  # exact targets
