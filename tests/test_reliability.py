@@ -591,26 +591,38 @@ def test_sigkill_at_random_moments_never_corrupts_the_run(reference, tmp_path, c
         assert mine[key] == theirs[key], key
 
 
+@pytest.fixture(scope="module")
+def interpreter_start_s():
+    """Seconds until this interpreter runs its first line (site, .pth files): Python's own, before
+    sparseham can handle a Ctrl-C (there it is Python's "Fatal Python error")."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.perf_counter() - start
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.3, 1.2, 2.5])
-def test_ctrl_c_during_start_up_is_one_line_and_the_rerun_finishes(tmp_path, delay):
-    # Up to ~3 s torch is being imported, then the run is set up. (In the first ~50 ms the
-    # interpreter itself is starting, and a Ctrl-C there is Python's own "Fatal Python error".)
-    out = tmp_path / "run"
+@pytest.mark.parametrize("delay", [0.1, 1.0, 2.2])
+def test_ctrl_c_during_start_up_is_one_line_and_the_rerun_finishes(tmp_path, delay, interpreter_start_s):
+    # After the interpreter's own start, ~3 s go to importing torch, then the run is set up.
+    out, sets = tmp_path / "run", [*FAST, "train.max_steps=300"]  # still running at the last delay
     argv = [sys.executable, "-m", "sparseham", "train", "--config", CONFIG, "--out", str(out),
-            *sets_argv(FAST)]
+            *sets_argv(sets)]
+    # SIGINT at its default even where this test runs in the background (a shell ignores it there).
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    time.sleep(delay)
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(2 * interpreter_start_s + delay)
     proc.send_signal(signal.SIGINT)
     stdout, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip(f"the run finished within {delay} s")
-    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
+    # 130, or ended by the signal itself (Python re-raises SIGINT at exit once a KeyboardInterrupt
+    # went through the import machinery); a shell shows both as 130.
+    assert proc.returncode in (128 + signal.SIGINT, -signal.SIGINT) and "Traceback" not in err, err
     # Before training: the line "interrupted" on stderr; once the loop runs, its stop line on stdout.
     last = err.strip().splitlines()[-1:]
     assert last == ["interrupted"] or "SIGINT: stopped at step" in stdout, (stdout, err)
-    assert train_main(["--config", CONFIG, "--out", str(out), *sets_argv(FAST)]) == 0
+    assert train_main(["--config", CONFIG, "--out", str(out), *sets_argv(sets)]) == 0
 
 
 def _history(run_dir):
