@@ -88,3 +88,11 @@ def test_inference_quick(tmp_path, monkeypatch):
     assert all(r["dense_ms"] > 0 and r["csr_ms"] > 0 and r["dense_over_csr"] > 0 for r in rows)
     if not torch.cuda.is_available():
         assert report["cuda"] == {"skipped": "no CUDA device"}
+
+
+def test_pipeline_step_quick(tmp_path, monkeypatch):
+    (result,) = run_script("pipeline_step", tmp_path, monkeypatch)["results"]
+    assert result["tensors"] == 2 and result["numel"] == 64 * 16 * 9 + 128 * 64
+    assert set(result["ratio_over_base"]) == {f"pipeline_{o}_{p}" for o in ("sgd", "adamw")
+                                              for p in ("eager", "fused")} | {"roofline", "grad_reset"}
+    assert all(s["n"] == 2 for s in result["seconds"].values())
