@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparseham study", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("select").add_argument("root", type=Path)
-    t = sub.add_parser("table")
-    t.add_argument("root", type=Path)
+    t = sub.add_parser("table", help="the results table of a directory of runs, or the paired HAM-vs-base "
+                                     "table of a cells CSV")
+    t.add_argument("root", type=Path, help="a directory of runs, or a cells CSV")
     t.add_argument("--out", type=Path, default=Path("docs"))
     c = sub.add_parser("clamp", help="the HAM-robustness study's tables and heat maps from its cells CSV")
     c.add_argument("root", type=Path, help="the cells CSV (docs/study/ham_clamp/cells.csv)")
@@ -173,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         from sparseham.analysis.clamp_study import write
 
         print(f"wrote {write(args.root, args.out)}")
+        return 0
+    if args.cmd == "table" and args.root.is_file():
+        from sparseham.analysis.paired import write_table
+
+        print(f"wrote {write_table(args.root, args.out)}")
         return 0
     if not args.root.is_dir():
         print(f"error: {args.root} is not a directory of runs", file=sys.stderr)

@@ -85,3 +85,34 @@ def test_the_clamp_rule_compares_safe_clamps_on_the_same_runs():
     assert choose_clamp(ranking)["clamp"] == 0.01  # by the raw means (+5 against +3.5)
     chosen = choose_clamp(ranking, base, grid)
     assert chosen["clamp"] == 0.02 and chosen["runs"] == 1 and chosen["mean_gain"] == pytest.approx(6.0)
+
+
+def test_paired_table_from_a_cells_csv(tmp_path):
+    import csv
+
+    from sparseham.analysis.paired import compare, tally
+
+    fields = ["dataset", "model", "method", "init", "distribution", "target", "ham", "alpha", "beta", "clamp",
+              "seed", "test_acc"]
+    rows = []
+    for seed, base, ham in (("0", 0.80, 0.83), ("1", 0.82, 0.84), ("2", 0.81, 0.85)):  # diffs 3, 2, 4
+        common = {"dataset": "f", "model": "m", "method": "rigl", "init": "random", "distribution": "erk",
+                  "target": "0.9", "alpha": "200.0", "beta": "0.001", "clamp": "0.02", "seed": seed}
+        rows += [{**common, "ham": "False", "test_acc": str(base)},
+                 {**common, "ham": "True", "test_acc": str(ham)}]
+    rows.append({**rows[1], "method": "str", "seed": "0"})  # a HAM run without its baseline: left out
+    (e,) = compare(rows)
+    assert e["seeds"] == 3 and e["diff"] == pytest.approx(3.0)
+    half = 4.302653 * 1.0 / 3 ** 0.5  # t(0.975, 2) * std(3, 2, 4) / sqrt(3)
+    assert e["ci"] == pytest.approx((3.0 - half, 3.0 + half))
+    counts = {"wins": 1, "ties": 0, "losses": 0, "unresolved": 0}
+    assert tally([e]) == {("rigl", "200.0", "0.001", "0.02"): counts}
+    path = tmp_path / "cells.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    assert study.main(["table", str(path), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert f"| +3.00 [{3 - half:+.2f}, {3 + half:+.2f}] |" in text
+    assert "| rigl | 200.0 | 0.001 | 0.02 | 1 | 0 | 0 | 0 |" in text
