@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparseham.distributions import fixed_counts
+from sparseham.distributions import apportion, fixed_counts
 from sparseham.method import Method
 from sparseham.schedules import cubic_sparsity
 from sparseham.topk import topk_mask
@@ -132,12 +132,9 @@ def allocate(total: int, weights: list[int], caps: list[int]) -> list[int]:
             left -= sum(caps[i] for i in full)
             open_ = [i for i in open_ if i not in full]
             continue
-        exact = {i: basis[i] * scale for i in open_}
-        for i in open_:
-            counts[i] = math.floor(exact[i])
-        rest = left - sum(counts[i] for i in open_)
-        for i in sorted(open_, key=lambda i: (exact[i] - counts[i], basis[i]), reverse=True)[:rest]:
-            counts[i] += 1
+        shares = apportion({i: basis[i] * scale for i in open_}, left, {i: caps[i] for i in open_})
+        for i, k in shares.items():
+            counts[i] = k
         break
     return counts
 

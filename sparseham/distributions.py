@@ -22,7 +22,7 @@ import fnmatch
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["layer_densities", "layer_counts", "matches_any", "fixed_counts"]
+__all__ = ["apportion", "layer_densities", "layer_counts", "matches_any", "fixed_counts"]
 
 _DISTRIBUTIONS = ("uniform", "er", "erk")
 
@@ -104,14 +104,14 @@ def layer_counts(
             is_dense[n] = True
     exact = {n: (numel[n] if is_dense[n] else eps * raw[n] * numel[n]) for n in free + [
         n for n in shapes if is_dense[n]]}
-    counts = {**_apportion(exact, budget - sum(given.values()), numel), **given}
+    counts = {**apportion(exact, budget - sum(given.values()), numel), **given}
     if not free and sum(counts.values()) != budget:
         raise ValueError(f"every layer has a density of its own: they keep {sum(counts.values())} "
                          f"weights, the sparsity {sparsity:.4g} asks for {budget}; leave one layer free")
     return {n: counts[n] for n in shapes}
 
 
-def _apportion(exact: Mapping[str, float], budget: int, numel: Mapping[str, int]) -> dict[str, int]:
+def apportion(exact: Mapping[str, float], budget: int, numel: Mapping[str, int]) -> dict[str, int]:
     """Largest-remainder rounding of ``exact`` to integers that sum to ``budget``."""
     counts = {n: min(numel[n], math.floor(v)) for n, v in exact.items()}
     short = budget - sum(counts.values())
