@@ -356,6 +356,46 @@ def test_str_target_mode_lands_on_target():
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
 
 
+def test_str_threshold_shift_keeps_exactly_the_target_count_with_one_common_offset():
+    model, opt, mm = _build("str")
+    method = mm.method
+    ss = [m.parametrizations.weight[0].s for m in method.modules]
+    before = [float(s.detach()) for s in ss]
+    n = sum(p.numel() for p in mm.params)
+    for aim in (0.9, 0.5, 0.97):
+        method._shift(mm, 7, aim)
+        assert sum(int(m.sum()) for m in method._implicit_masks()) == round((1 - aim) * n)
+    offsets = [float(s.detach()) - b for s, b in zip(ss, before)]
+    assert max(offsets) - min(offsets) < 1e-6  # every layer's threshold moved alike
+    assert method.shifted_at == 7 and method.shifts == 3
+
+
+def test_str_target_mode_freezes_the_thresholds_and_projects_a_small_correction():
+    model, opt, mm = _build("str", control_every=2)
+    method = mm.method
+    for step in range(TOTAL):
+        _step(model, opt, mm, step)
+        if method.frozen and not method.projected:  # the window: a shift sticks until it projects
+            s = [m.parametrizations.weight[0].s for m in method.modules]
+            assert all(not t.requires_grad and t.grad is None for t in s)
+    p = method.projection
+    assert p is not None and p["threshold_shifts"] >= 1
+    assert p["moved_fraction"] <= 0.01 and abs(p["sparsity_before"] - 0.9) <= 0.001
+    assert abs(mm.sparsity() - 0.9) < 1e-3
+
+
+def test_str_window_state_survives_a_checkpoint():
+    model, opt, mm = _build("str", control_every=2)
+    for step in range(21):  # the window opens at step 20: thresholds frozen, one shift
+        _step(model, opt, mm, step)
+    assert mm.method.frozen and not mm.method.projected
+    state = mm.method.state_dict()
+    _, _, fresh = _build("str", control_every=2)
+    fresh.method.load_state_dict(state)
+    assert fresh.method.frozen and (fresh.method.shifted_at, fresh.method.shifts) == (20, 1)
+    assert not any(m.parametrizations.weight[0].s.requires_grad for m in fresh.method.modules)
+
+
 def test_method_option_errors():
     with pytest.raises(TypeError, match="rigl: unknown option 'update_evry'; did you mean 'update_every'"):
         methods.get("rigl")(target=0.9, update_evry=3)
