@@ -41,8 +41,10 @@ import warnings
 
 import torch
 
+from sparseham import sharding
 from sparseham.method import Method
 from sparseham.schedules import cosine_drop_fraction, periodic
+from sparseham.topk import topk_mask
 
 from . import register
 from ._common import counts_for, nm_counts, nm_swap, pattern_masks, random_masks, seeded_generator
@@ -133,12 +135,13 @@ class RigL(Method):
         step = manager.step_count + 1  # the step being taken
         if not periodic(step, self.options.update_every, self.end_step):
             return
-        # Only the indices of the d grown weights per layer are held until post_step (8 bytes
-        # each, about 0.03 * density bytes per weight), and scores exist one layer at a time.
+        # Only the grown set per layer (one byte per weight) is held until post_step, and scores
+        # exist one layer at a time. topk_mask, not torch.topk: ties (zero gradients of dead
+        # units) go to the lower flat index, the same on every device and over FSDP shards.
         self._grow = []
         for i, (m, d) in enumerate(zip(manager.masks, self._drops(manager, step))):
             score = self.grow_score(manager, i, step).masked_fill_(m, -torch.inf)  # inactive only
-            self._grow.append(torch.topk(score.view(-1), d, sorted=False).indices)
+            self._grow.append(topk_mask(score, d))
             del score
 
     def takes_optimizer_step(self, manager) -> bool:
@@ -175,12 +178,9 @@ class RigL(Method):
     def _reference_update(self, manager, step: int) -> None:
         new, fresh = [], []
         for i, (p, m, d) in enumerate(zip(manager.params, manager.masks, self._drops(manager, step))):
-            keep = torch.topk(p.detach().abs().masked_fill(~m, -torch.inf).view(-1), self.counts[i] - d,
-                              sorted=False).indices
-            mask = torch.zeros_like(m)
-            mask.view(-1)[keep] = True
-            score = self.grow_score(manager, i, step).masked_fill_(mask, -torch.inf)  # all but the kept
-            mask.view(-1)[torch.topk(score.view(-1), d, sorted=False).indices] = True
+            keep = topk_mask(p.detach().abs().masked_fill(~m, -torch.inf), self.counts[i] - d)
+            score = self.grow_score(manager, i, step).masked_fill_(keep, -torch.inf)  # all but the kept
+            mask = keep | topk_mask(score, d)
             del score
             new.append(mask)
             fresh.append(mask & ~m)  # new connections; a regrown just-dropped weight keeps its state
@@ -198,12 +198,9 @@ class RigL(Method):
         new = []
         drops = self._drops(manager, step)
         for i, (p, m, d) in enumerate(zip(manager.params, manager.masks, drops)):
-            score = p.detach().abs().masked_fill_(~m, torch.inf)  # active only
-            dropped = torch.topk(score.view(-1), d, largest=False, sorted=False).indices
-            del score
-            mask = m.clone()
-            mask.view(-1)[dropped] = False
-            mask.view(-1)[self._grow[i]] = True
+            # The d smallest active |w| leave: the active weights but the largest k - d stay.
+            stay = topk_mask(p.detach().abs().masked_fill(~m, -torch.inf), int(self.counts[i]) - d)
+            mask = stay | self._grow[i]
             new.append(mask)
             self._grow[i] = None  # release each layer's indices as soon as it is done
         self._grow = None
@@ -220,4 +217,4 @@ class SET(RigL):
         if i == 0:
             self._gen = seeded_generator(1_000_003 * step)
         p = manager.params[i]
-        return torch.rand(p.shape, generator=self._gen).to(p.device)
+        return sharding.local_slice(torch.rand(p.shape, generator=self._gen).to(p.device), p)

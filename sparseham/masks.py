@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import sharding
 from .method import Method
 from .params import prunable_parameters, unwrap
 from .stepping import PipelineOptimizer, already_unscaled
@@ -36,6 +37,14 @@ __all__ = ["MaskManager", "MaskInvariantError", "prunable_parameters", "unwrap"]
 # A fresh initialization has no exact zeros; more than this fraction means the weights were loaded
 # from a sparse run.
 _ALREADY_SPARSE = 0.01
+
+
+def _like(mask: Tensor, p: Tensor) -> Tensor:
+    """``mask`` as a bool tensor laid out like ``p``: on its device, or as its shards when ``p`` is
+    sharded and the mask was built whole."""
+    if sharding.is_sharded(p):
+        return sharding.local_slice(mask.view(p.shape) if not sharding.is_sharded(mask) else mask, p).bool()
+    return mask.to(device=p.device, dtype=torch.bool).view(p.shape)
 
 
 class MaskInvariantError(RuntimeError):
@@ -248,7 +257,7 @@ class MaskManager:
         """
         if len(masks) != len(self.params):
             raise ValueError(f"expected {len(self.params)} masks, got {len(masks)}")
-        new = [m.to(device=p.device, dtype=torch.bool).view(p.shape) for m, p in zip(masks, self.params)]
+        new = [_like(m, p) for m, p in zip(masks, self.params)]
         reference = self.masks if reference is None else reference
         churn = None
         if reference is not None:
@@ -301,12 +310,14 @@ class MaskManager:
         projects, AC/DC decompressed) it is the count of non-zero effective weights.
         """
         if self.masks is not None and self.method.masking:
-            return torch.stack([torch.count_nonzero(m) for m in self.masks])
-        return torch.stack([torch.count_nonzero(w) for w in self.method.effective_weights(self)])
+            return sharding.stack_counts([torch.count_nonzero(m) for m in self.masks])
+        return sharding.stack_counts([torch.count_nonzero(w) for w in self.method.effective_weights(self)])
 
     def zeros(self) -> Tensor:
         """Per-layer count of effective weights that are exactly zero, as one device tensor."""
-        return torch.stack([w.numel() - torch.count_nonzero(w) for w in self.method.effective_weights(self)])
+        weights = self.method.effective_weights(self)
+        nonzero = sharding.stack_counts([torch.count_nonzero(w) for w in weights])
+        return torch.tensor([w.numel() for w in weights], device=nonzero.device) - nonzero
 
     def layer_sparsity(self) -> dict[str, float]:
         """Achieved sparsity of each managed tensor, ``1 - kept / numel`` (reads the device)."""
@@ -326,9 +337,9 @@ class MaskManager:
         """
         if self.masks is None or not self.method.masking:
             return
-        kept = torch.stack([torch.count_nonzero(m) for m in self.masks])
-        leaked = torch.stack([torch.count_nonzero(p * ~m) for p, m in zip(self.params, self.masks)])
-        kept, leaked = torch.stack([kept, leaked]).tolist()
+        kept = [torch.count_nonzero(m) for m in self.masks]
+        leaked = [torch.count_nonzero(p * ~m) for p, m in zip(self.params, self.masks)]
+        kept, leaked = sharding.stack_counts(kept + leaked).view(2, -1).tolist()
         want = self.expected if self.expected is not None else kept
         if isinstance(want, int):
             if sum(kept) != want:
@@ -369,7 +380,7 @@ class MaskManager:
         self.phase = state["phase"]
         masks = state["masks"]
         if masks is not None:
-            masks = [m.to(device=p.device, dtype=torch.bool) for m, p in zip(masks, self.params)]
+            masks = [_like(m, p) for m, p in zip(masks, self.params)]
         self.masks = masks
         self._refresh_factors()
         self.expected = state["expected"]

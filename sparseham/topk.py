@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import sharding
+
 __all__ = ["topk_mask", "global_topk_masks", "nm_mask", "nm_groups", "nm_kept"]
 
 
@@ -21,7 +23,10 @@ def topk_mask(scores: Tensor, k: int | Tensor) -> Tensor:
 
     NaN scores rank below every number. Ties at the threshold go to the lower flat index, so
     exactly ``k`` entries are set whatever the ties. No host synchronisation when ``k`` is an int.
+    A sharded ``scores`` (FSDP2) gets the same mask as its shards (:mod:`sparseham.sharding`).
     """
+    if sharding.is_sharded(scores):
+        return sharding.topk_mask(scores, k)
     flat = scores.reshape(-1)
     n = flat.numel()
     if isinstance(k, int):
@@ -43,6 +48,8 @@ def topk_mask(scores: Tensor, k: int | Tensor) -> Tensor:
 
 def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     """Masks of the ``k`` largest entries over all tensors together (one global threshold)."""
+    if any(sharding.is_sharded(s) for s in scores):
+        return sharding.global_topk_masks(scores, k)
     flat = torch.cat([s.reshape(-1) for s in scores])
     keep = topk_mask(flat, k)
     return [m.view(s.shape) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
@@ -67,6 +74,8 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     A tensor that does not split into such groups (:func:`nm_groups`) is kept whole. Exactly ``n``
     of every group are kept whatever the ties; no host synchronisation.
     """
+    if sharding.is_sharded(scores):
+        return sharding.nm_mask(scores, n, m)
     if not nm_groups(scores.shape, m):
         return torch.ones_like(scores, dtype=torch.bool)
     groups = torch.nan_to_num(scores.float(), nan=-torch.inf).reshape(scores.shape[0], -1, m)

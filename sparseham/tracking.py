@@ -24,7 +24,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from . import sharding
 
 __all__ = ["SignFlipTracker"]
 
@@ -97,6 +100,7 @@ class SignFlipTracker:
         self.codes: list[Tensor] = []
         self.hists: list[Tensor] | None = None
         self.counts: list[Tensor] = []
+        self._like: list[Tensor] | None = None
         self.steps = 0
 
     def attach(
@@ -104,6 +108,9 @@ class SignFlipTracker:
     ) -> None:
         """Start tracking ``weights``; their current signs are the reference for "differs from start"."""
         self.names = list(names)
+        # Sharded weights (FSDP2): every rank tracks its own shard; counters meet only when read.
+        self._like = list(weights) if any(sharding.is_sharded(w) for w in weights) else None
+        weights = [sharding.local(w) for w in weights]
         with torch.no_grad():
             self.codes = [(s + 1) * 5 for s in (_sign(w) for w in weights)]  # (s+1) | (s+1) << 2
         self.hists = [torch.zeros_like(c, dtype=torch.uint8) for c in self.codes] if self.per_weight else None
@@ -116,6 +123,8 @@ class SignFlipTracker:
         self.steps += 1
         if self.steps % self.interval:
             return
+        weights = [sharding.local(w) for w in weights]
+        masks = None if masks is None else [sharding.local(m) for m in masks]
         if self.fused:
             if self._compiled is None:
                 self._compiled = torch.compile(_update_all, fullgraph=True)
@@ -128,8 +137,15 @@ class SignFlipTracker:
             self.counts[i].add_(_update_layer(w, self.codes[i], mask, hist))
 
     def counters(self) -> Tensor:
-        """Cumulative ``[masked, unmasked]`` flips per layer, shape ``(layers, 2)``, on the device."""
-        return torch.stack(self.counts)
+        """Cumulative ``[masked, unmasked]`` flips per layer, shape ``(layers, 2)``, on the device
+        (summed over ranks when the weights are sharded: a collective, every rank calls it)."""
+        return self._summed(torch.stack(self.counts))
+
+    def _summed(self, t: Tensor) -> Tensor:
+        if self._like is not None:
+            t = t.clone()
+            dist.all_reduce(t, group=self._like[0].device_mesh.get_group())
+        return t
 
     def read(self) -> dict[str, dict[str, Any]]:
         """Copy the counters to the host (a synchronisation: call at log intervals only).
@@ -145,19 +161,21 @@ class SignFlipTracker:
             per_layer.append(
                 torch.stack([torch.count_nonzero(_flipped(now, start)), torch.count_nonzero(code & _EVER)])
             )
-        counts = torch.cat([self.counters(), torch.stack(per_layer)], dim=1).tolist()
+        counts = self._summed(torch.cat([torch.stack(self.counts), torch.stack(per_layer)], dim=1)).tolist()
         out = {}
         for i, name in enumerate(self.names):
             masked, unmasked, differs, ever = counts[i]
             out[name] = {
-                "numel": self.codes[i].numel(),
+                "numel": (self._like or self.codes)[i].numel(),
                 "masked": masked,
                 "unmasked": unmasked,
                 "ever_flipped": ever,
                 "differs_from_init": differs,
             }
             if self.hists is not None:
-                out[name]["hist"] = torch.bincount(self.hists[i].reshape(-1).long() // 2).tolist()
+                bins = 128 if self._like is not None else 0  # shards: equal lengths to sum
+                hist = torch.bincount(self.hists[i].reshape(-1).long() // 2, minlength=bins)
+                out[name]["hist"] = self._summed(hist).tolist()
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -165,16 +183,32 @@ class SignFlipTracker:
             "interval": self.interval,
             "steps": self.steps,
             "names": list(self.names),
-            "codes": [c.clone() for c in self.codes],
-            "hists": None if self.hists is None else [h.clone() for h in self.hists],
-            "counts": [c.clone() for c in self.counts],
+            "codes": self._shards(self.codes),
+            "hists": None if self.hists is None else self._shards(self.hists),
+            "counts": [c.clone() for c in self.counts] if self._like is None else
+                      [c.clone() for c in self._summed(torch.stack(self.counts))],
         }
+
+    def _shards(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Copies of per-weight state; sharded, as shards of the whole (``sharding.full`` gathers)."""
+        if self._like is None:
+            return [t.clone() for t in tensors]
+        return [sharding.wrap(t.clone(), like) for t, like in zip(tensors, self._like)]
+
+    def _local(self, saved: list[Tensor], current: list[Tensor]) -> list[Tensor]:
+        if self._like is None:
+            return [c.to(old.device) for c, old in zip(saved, current)]
+        return [sharding.local(sharding.local_slice(c, like)).to(old.device)
+                for c, like, old in zip(saved, self._like, current)]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state["names"]) != self.names:
             raise ValueError("tracker state was saved for different layers than this tracker follows")
         self.interval, self.steps = state["interval"], state["steps"]
-        self.codes = [c.to(old.device) for c, old in zip(state["codes"], self.codes)]
-        self.counts = [c.to(old.device) for c, old in zip(state["counts"], self.counts)]
+        self.codes = self._local(state["codes"], self.codes)
+        counts = [c.to(old.device) for c, old in zip(state["counts"], self.counts)]
+        if self._like is not None and dist.get_rank(self._like[0].device_mesh.get_group()) != 0:
+            counts = [torch.zeros_like(c) for c in counts]  # saved summed: rank 0 carries the total
+        self.counts = counts
         if self.hists is not None and state["hists"] is not None:
-            self.hists = [h.to(old.device) for h, old in zip(state["hists"], self.hists)]
+            self.hists = self._local(state["hists"], self.hists)
