@@ -30,10 +30,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._ham_kernels import _fused_ham, _multi_tensor_ham, _single_tensor_ham
+from . import sharding
+from ._ham_kernels import _fused_ham, _multi_tensor_ham, _single_tensor_ham, cap_norms_
 
 __all__ = ["HAM", "ham"]
 
@@ -190,19 +192,27 @@ class HAM(Optimizer):
                 continue
             stepped = [params[j] for j in keep]
             first = getattr(self.optimizer, "first_grads", None) if self.sam_gradient == "original" else None
+            grads = [first.get(p, p.grad) for p in stepped] if first else [p.grad for p in stepped]
+            signs = [pre_signs[i][j] for j in keep] if pre_signs is not None else None
+            # Sharded weights (FSDP2): the step is element-wise, so each rank mirrors its own shard
+            # as plain tensors; only the norm cap needs whole-tensor norms (DTensor reduces them).
+            sharded = any(sharding.is_sharded(p) for p in stepped)
+            local = (lambda ts: ts if ts is None else [sharding.local(t) for t in ts]) if sharded else None
             hits, caps = ham(
-                stepped,
-                [first.get(p, p.grad) for p in stepped] if first else [p.grad for p in stepped],
-                [pre_signs[i][j] for j in keep] if pre_signs is not None else None,
+                local(stepped) if sharded else stepped,
+                local(grads) if sharded else grads,
+                local(signs) if sharded else signs,
                 lr=group["lr"],
                 alpha=alpha,
                 beta=beta,
                 clamp=self.clamp,
-                max_norm=self.max_norm,
+                max_norm=None if sharded else self.max_norm,
                 foreach=self.foreach,
                 fused=self.fused,
                 count=count,
             )
+            if sharded and self.max_norm is not None:
+                caps = [sharding.local(c) for c in cap_norms_(stepped, self.max_norm)]
             self._count(stepped, hits, caps)
         return loss
 
@@ -242,7 +252,13 @@ class HAM(Optimizer):
             names = {p: f"{g}.{j}" for g, group in enumerate(self.param_groups)
                      for j, p in enumerate(group["params"])}
         home = params[0].device  # one host read, even when the tensors live on several devices
-        counts = torch.stack([torch.stack([self._hits[p], self._caps[p]]).to(home) for p in params]).tolist()
+        counts = torch.stack([torch.stack([self._hits[p], self._caps[p]]).to(home) for p in params])
+        shard = next((p for p in params if sharding.is_sharded(p)), None)
+        if shard is not None:  # per-shard counts: a collective, every rank reads the diagnostics
+            hits = counts[:, 0].clone()
+            dist.all_reduce(hits, group=shard.device_mesh.get_group())
+            counts = torch.stack([hits, counts[:, 1]], dim=1)  # a cap flag is already whole-tensor
+        counts = counts.tolist()
         layers, hit_total, entries = {}, 0, 0
         for p, (hits, caps) in zip(params, counts):
             seen = self._counted.get(p, 0) * p.numel()

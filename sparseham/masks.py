@@ -262,7 +262,7 @@ class MaskManager:
         churn = None
         if reference is not None:
             # count_nonzero, not sum: a bool sum widens to int64 first, ~20x slower on CPU.
-            churn = torch.stack([torch.count_nonzero(a ^ b) for a, b in zip(reference, new)])
+            churn = sharding.stack_counts([torch.count_nonzero(a ^ b) for a, b in zip(reference, new)])
         self.masks = new
         self._refresh_factors()
         self.expected = expected if expected is None or isinstance(expected, int) else list(expected)

@@ -31,7 +31,8 @@ try:
 except ImportError:  # a torch without DTensor: nothing is ever sharded
     DTensor = ()  # type: ignore[assignment,misc]
 
-__all__ = ["is_sharded", "local", "wrap", "local_slice", "full", "stack_counts", "topk_mask",
+__all__ = ["is_sharded", "local", "wrap", "local_slice", "full", "full_tree",
+           "shard_model_state", "shard_optimizer_state", "stack_counts", "topk_mask",
            "global_topk_masks", "nm_mask"]
 
 
@@ -73,6 +74,36 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def full_tree(obj):
+    """``obj`` (nested dicts, lists, tuples) with every sharded tensor gathered whole: a
+    checkpoint's full state dicts. A collective: every rank calls it, in the same order."""
+    if is_sharded(obj):
+        return obj.full_tensor()
+    if isinstance(obj, dict):
+        return {k: full_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(full_tree(v) for v in obj)
+    return obj
+
+
+def shard_model_state(saved: dict, model) -> dict:
+    """A full model state dict as the shards of ``model``'s own (sharded) entries."""
+    current = model.state_dict()
+    return {k: local_slice(v, current[k]) if k in current else v for k, v in saved.items()}
+
+
+def shard_optimizer_state(saved: dict, optimizer) -> dict:
+    """A full optimizer state dict with each state tensor shaped like its parameter turned into
+    that parameter's shards (state is keyed by the parameters' order over the param groups)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, entry in saved["state"].items():
+        p = params[index]
+        state[index] = {k: local_slice(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+                        for k, v in entry.items()}
+    return {**saved, "state": state}
+
+
 def stack_counts(counts: Sequence[Tensor]) -> Tensor:
     """``torch.stack`` of per-layer reductions (``count_nonzero``, ``sum``); reductions of shards
     are partial sums, added over ranks here in one all-reduce (a collective: every rank calls it)."""
@@ -109,8 +140,8 @@ def _kth(flats: Sequence[Tensor], starts: Sequence[int], k: int, group) -> tuple
     world = dist.get_world_size(group)
     all_values = values.new_empty(world * values.numel())
     all_where = where.new_empty(world * where.numel())
-    dist.all_gather_into_tensor(all_values, values, group=group)
-    dist.all_gather_into_tensor(all_where, where, group=group)
+    dist.all_gather_single(all_values, values, group=group)
+    dist.all_gather_single(all_where, where, group=group)
     order = torch.sort(all_where, stable=True).indices  # lower index first among equal values
     order = order[torch.sort(all_values[order], descending=True, stable=True).indices]
     return all_values[order[k - 1]], all_where[order[k - 1]]

@@ -260,6 +260,9 @@ class TrainConfig(Section):
         "stop", "on a non-finite loss or gradient: stop the run, skip the step and count it, or ignore "
                 "(no check: saves one device read per step on GPUs)")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", gt=0)
+    distributed: Literal["ddp", "fsdp"] = _f(
+        "ddp", "under torchrun: ddp keeps a whole model on every process; fsdp shards every weight "
+               "(FSDP2 fully_shard) and runs masks, HAM and the tracker on each shard")
 
     def _check_relations(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -309,6 +312,23 @@ class Config(Section):
         if text and not language_model:
             raise FieldError.bad("data.dataset", "text", f"text needs an hf:<architecture> model "
                                  f"(e.g. hf:LlamaForCausalLM), not {self.model.name!r}")
+        if self.train.distributed == "fsdp":
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """What sharded training does not run (docs/design/fsdp.md says why)."""
+        sp, why = self.sparsity, None
+        if sp.method == "static" and sp.init in ("snip", "grasp", "synflow"):
+            why = (f"sparsity.init {sp.init} scores a copy of the whole model, which FSDP cannot copy; "
+                   "use random or magnitude")
+        elif sp.method == "str":
+            why = "STR reparameterizes the weights, which fully_shard cannot shard"
+        elif sp.pattern and sp.method in ("rigl", "set"):
+            why = f"{sp.method} under a pattern swaps weights by indexing across shards; use static or gmp"
+        elif self.train.compile:
+            why = "train.compile is untested with fully_shard; turn it off"
+        if why:
+            raise FieldError.bad("train.distributed", "fsdp", f"{why}, or use ddp")
 
 
 def _type_name(tp: Any) -> str:

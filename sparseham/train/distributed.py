@@ -17,7 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "init_distributed", "wrap_model", "rank_digests", "broadcast_masks_", "check_ranks_agree"]
+from sparseham import sharding
+
+__all__ = ["Dist", "init_distributed", "shard_model", "wrap_model", "rank_digests", "broadcast_masks_",
+           "check_ranks_agree"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,21 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def wrap_model(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
-    """Wrap ``model`` in DDP when running distributed."""
-    if not d.enabled:
+def shard_model(model: nn.Module) -> None:
+    """FSDP2: ``fully_shard`` every module that holds parameters of its own, then the root, so a
+    weight is gathered only around its own module's forward and backward. Every parameter
+    becomes a ``DTensor`` split along dim 0; build the optimizer after this."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in list(model.modules())[1:]:
+        if any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module)
+    fully_shard(model)
+
+
+def wrap_model(model: nn.Module, d: Dist, device: torch.device, sharded: bool = False) -> nn.Module:
+    """Wrap ``model`` in DDP when running distributed (an FSDP model is already sharded)."""
+    if not d.enabled or sharded:
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -91,8 +106,9 @@ def rank_digests(d: Dist, tensors: Iterable[torch.Tensor]) -> list[str]:
 
 
 def broadcast_masks_(manager, d: Dist) -> None:
-    """Under DDP, rank 0's initial masks win (data-driven scores differ per data shard)."""
-    if not d.enabled or manager.masks is None:
+    """Under DDP, rank 0's initial masks win (data-driven scores differ per data shard). Sharded
+    masks need nothing: each rank holds its part of one mask."""
+    if not d.enabled or manager.masks is None or any(sharding.is_sharded(m) for m in manager.masks):
         return
     masks = [m.to(torch.uint8) for m in manager.masks]
     for m in masks:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sparseham import sharding
 from sparseham.train.health import TrainingHealth
 
 __all__ = ["RunLogger", "JsonlWriter", "perplexity", "truncate_jsonl"]
@@ -160,18 +161,26 @@ class RunLogger:
         self._loss.zero_()
         self._correct.zero_()
         self._seen = 0
+        # Every rank reads the counters: over sharded weights (FSDP) each read is a collective.
+        layer = self.manager.layer_sparsity()
+        tracker = self.manager.tracker
+        now = tracker.read() if tracker is not None else None
+        masks = self.manager.method.tracking_masks(self.manager) if now is not None else None
+        active = None if masks is None else sharding.stack_counts([torch.count_nonzero(m) for m in masks])
+        active = None if active is None else active.tolist()
+        health = self.health.update(rec["loss"])  # HAM's counters too
         if not self.enabled:
             return rec
-        self._health(step, rec)
+        self._health(step, rec, *health)
         self.metrics.write(rec)
-        self._masks(step)
-        flips = self._signflips(step)
-        self._scalars(step, rec, sparsity)
+        self._masks(step, layer, sparsity)
+        flips = self._signflips(step, now, active)
+        self._scalars(step, rec, sparsity, layer)
         self._progress(step, rec, flips)
         return rec
 
-    def _health(self, step: int, rec: dict[str, Any]) -> None:
-        diag, warning = self.health.update(rec["loss"])
+    def _health(self, step: int, rec: dict[str, Any], diag: dict[str, Any] | None,
+                warning: str | None) -> None:
         if diag is not None:
             fraction = diag["clamped_fraction"] if diag["entries"] else None  # no counted step
             rec["ham"] = {"clamped_fraction": fraction, "capped": diag["capped"]}
@@ -182,11 +191,8 @@ class RunLogger:
             print(f"warning: {warning}", flush=True)
             self.metrics.write({"event": "warning", "step": step, "message": warning})
 
-    def _masks(self, step: int) -> None:
+    def _masks(self, step: int, layer: dict[str, float], overall: float) -> None:
         events, self.manager.mask_events[:] = list(self.manager.mask_events), []
-        if not events:
-            return
-        layer, overall = self.manager.layer_sparsity(), self.manager.sparsity()  # read once, not per event
         for ev in events:
             churn = None if ev["churn"] is None else dict(zip(self.manager.names, ev["churn"].tolist()))
             self.metrics.write(
@@ -204,13 +210,10 @@ class RunLogger:
                 for name, value in churn.items():
                     self.tb.add_scalar(f"churn/{name}", value, ev["step"])
 
-    def _signflips(self, step: int) -> tuple[int, int] | None:
+    def _signflips(self, step: int, now: dict | None, active: list[int] | None) -> tuple[int, int] | None:
         tracker = self.manager.tracker
-        if tracker is None:
+        if now is None:
             return None
-        now = tracker.read()
-        masks = self.manager.method.tracking_masks(self.manager)
-        active = torch.stack([m.sum() for m in masks]).tolist() if masks is not None else None
         layers = {}
         for i, (name, r) in enumerate(now.items()):
             prev = (self.last_flips or {}).get(name, {"masked": 0, "unmasked": 0})
@@ -238,14 +241,14 @@ class RunLogger:
             self.tb.add_scalar("flips/all/unmasked", sum(r["unmasked"] for r in layers.values()), step)
         return (sum(r["masked"] for r in now.values()), sum(r["unmasked"] for r in now.values()))
 
-    def _scalars(self, step: int, rec: dict[str, Any], sparsity: float) -> None:
+    def _scalars(self, step: int, rec: dict[str, Any], sparsity: float, layer: dict[str, float]) -> None:
         if not self.tb:
             return
         for key in ("loss", "acc", "lr", "samples_per_s", "tokens_per_s"):
             if key in rec:
                 self.tb.add_scalar(f"train/{key}", rec[key], step)
         self.tb.add_scalar("sparsity/global", sparsity, step)
-        for name, value in self.manager.layer_sparsity().items():
+        for name, value in layer.items():
             self.tb.add_scalar(f"sparsity/{name}", value, step)
 
     def _progress(self, step: int, rec: dict[str, Any], flips: tuple[int, int] | None) -> None:
@@ -283,9 +286,12 @@ class RunLogger:
             print(f"  eval {split}: loss {loss:.4f} acc {100 * acc:.2f}%{extra}", flush=True)
 
     def histograms(self, step: int) -> None:
-        if self.enabled and self.tb:
-            for name, p in zip(self.manager.names, self.manager.params):
-                self.tb.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+        if not self.cfg.logging.tensorboard:
+            return
+        for name, p in zip(self.manager.names, self.manager.params):
+            whole = sharding.full(p.detach())  # sharded: an all-gather, on every rank
+            if self.enabled and self.tb:
+                self.tb.add_histogram(f"weights/{name}", whole.float().cpu(), step)
 
     def _layout(self) -> None:
         chart = {

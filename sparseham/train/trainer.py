@@ -9,6 +9,7 @@ evaluation and checkpoint intervals.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sparseham import sharding
 from sparseham.config import Config, config_to_dict, dump_config
 from sparseham.masks import MaskManager
 from sparseham.train import checkpoint as ckpt
@@ -31,7 +33,13 @@ from sparseham.train.build import (
     build_tracker,
     resolve_device,
 )
-from sparseham.train.distributed import broadcast_masks_, check_ranks_agree, init_distributed, wrap_model
+from sparseham.train.distributed import (
+    broadcast_masks_,
+    check_ranks_agree,
+    init_distributed,
+    shard_model,
+    wrap_model,
+)
 from sparseham.train.evaluation import evaluate
 from sparseham.train.logger import RunLogger
 from sparseham.train.run_dir import (
@@ -81,6 +89,9 @@ class Trainer:
             )
         t = cfg.train
         self.total = t.max_steps if t.max_steps else max(1, round(t.epochs * self.steps_per_epoch))
+        self.sharded = self.dist.enabled and t.distributed == "fsdp"
+        if self.sharded:
+            shard_model(self.model)  # before the optimizer: fully_shard replaces the parameters
         self.opt = build_optimizer(cfg, self.model)
         s = cfg.sparsity
         # A model may name its own default (a language model keeps embeddings and head dense).
@@ -91,7 +102,7 @@ class Trainer:
         # After the manager: a method may add parameter groups (STR's thresholds) the schedule must cover.
         self.sched = build_scheduler(cfg, self.opt, self.total, self.steps_per_epoch)
         broadcast_masks_(self.mm, self.dist)
-        self.net = wrap_model(self.model, self.dist, self.device)
+        self.net = wrap_model(self.model, self.dist, self.device, sharded=self.sharded)
         if t.compile:
             self.net = torch.compile(self.net)
         self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
@@ -121,8 +132,10 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def save(self) -> None:
+        # Sharded (FSDP): every rank takes part in gathering full state dicts; rank 0 writes them.
+        state = sharding.full_tree(self.state_dict()) if self.sharded else None
         if self.dist.is_main:
-            ckpt.save_checkpoint(self.state_dict(), self.run_dir, keep=self.cfg.checkpoint.keep)
+            ckpt.save_checkpoint(state or self.state_dict(), self.run_dir, keep=self.cfg.checkpoint.keep)
         self.dist.barrier()
 
     def resume(self) -> int:
@@ -138,8 +151,12 @@ class Trainer:
             path, state = Path(where), ckpt.load_checkpoint(where, map_location=self.device)
         self._check_resumable(path, state)
         self.mm.load_state_dict(state["manager"])  # first: a method may reshape the model (STR)
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        model, optimizer = state["model"], state["optimizer"]
+        if self.sharded:  # full state dicts, every rank keeps its shards
+            model = sharding.shard_model_state(model, self.model)
+            optimizer = sharding.shard_optimizer_state(optimizer, self.opt)
+        self.model.load_state_dict(model)
+        self.opt.load_state_dict(optimizer)
         self.sched.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -242,12 +259,13 @@ class Trainer:
         """
         if self.cfg.train.on_nonfinite == "ignore":
             return False
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [sharding.local(p.grad) for p in self.model.parameters() if p.grad is not None]
         bad = ~torch.isfinite(losses).all()
         if grads and self.scaler is None:
             # The norm also overflows for finite gradients above ~1e19; such a step is rejected too.
             bad |= ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-        if not bool(bad):
+        bad = self.dist.any_true(bool(bad), self.device) if self.sharded else bool(bad)  # shards differ
+        if not bad:
             return False
         self.opt.zero_grad(set_to_none=True)
         if self.buffers:
@@ -295,13 +313,26 @@ class Trainer:
         results = self.evaluate(self.step)
         final = final_summary(self, results)
         final["world_size"] = self.dist.world_size
-        final["rank_digests"] = check_ranks_agree(self.dist, self.mm, self.opt)
+        # Replicas (DDP) must agree bit for bit; shards (FSDP) differ by design.
+        final["rank_digests"] = None if self.sharded else check_ranks_agree(self.dist, self.mm, self.opt)
         self.save()
         if self.dist.is_main:
             text = json.dumps(strict_json(final), indent=2, allow_nan=False)
             write_atomic(self.run_dir / "final.json", text + "\n")
         self.logger.finish(final)
         return final
+
+    def shutdown(self) -> None:
+        """Leave the process group. The model and optimizer go first: gloo's worker thread
+        otherwise frees its last work items during interpreter exit, which aborted about 1 in 7
+        two-process FSDP runs here ("terminate called without an active exception")."""
+        d = self.dist
+        if not d.enabled:
+            return
+        self.__dict__.clear()  # every tensor this trainer holds, the logger's references too
+        gc.collect()
+        d.barrier()
+        torch.distributed.destroy_process_group()
 
     # -- signals --------------------------------------------------------------------------------
     def _install_signals(self) -> dict:
@@ -348,7 +379,9 @@ def run(cfg: Config, run_dir: Path, *, force: bool = False) -> int:
             if created and main and {p.name for p in run_dir.iterdir()} <= {RunLock.NAME}:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        return _train(trainer, cfg, run_dir)
+        code = _train(trainer, cfg, run_dir)
+        trainer.shutdown()
+        return code
     finally:
         if lock is not None:
             lock.release()
