@@ -45,7 +45,8 @@ def _assert_same_run(one: Path, two: Path, exact: bool) -> None:
         assert torch.equal(x, y)
     for name, weight in a["model"].items():
         other = b["model"][name]
-        assert torch.equal(weight, other) if exact else torch.allclose(weight, other, rtol=1e-5, atol=1e-6), name
+        same = torch.equal(weight, other) if exact else torch.allclose(weight, other, rtol=1e-5, atol=1e-6)
+        assert same, name
     ta, tb = a["manager"]["tracker"], b["manager"]["tracker"]
     assert all(torch.equal(x, y) for x, y in zip(ta["codes"], tb["codes"]))
     assert all(torch.equal(x, y) for x, y in zip(ta["counts"], tb["counts"]))
@@ -55,8 +56,8 @@ def _assert_same_run(one: Path, two: Path, exact: bool) -> None:
 def test_sharded_topk_equals_one_process():
     """Exact k, ties to the lower flat index, NaNs last, an empty shard, global and N:M masks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "tests/_sharded_topk.py"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env=env)
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "tests/_sharded_topk.py"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout.count("ok") == 2, proc.stdout + proc.stderr[-3000:]
 
 
