@@ -158,7 +158,14 @@ def _flips_figure(root: Path, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparseham study", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("select").add_argument("root", type=Path)
+    sel = sub.add_parser("select", help="best HAM setting per method of a tuning sweep's runs, or (a "
+                                        "tuning CSV) the equal-budget choice and the tuned sweep")
+    sel.add_argument("root", type=Path,
+                     help="a directory of runs, or a tuning cells CSV (docs/study/tune.csv)")
+    sel.add_argument("--selection", type=Path, default=Path("docs/study/selection.md"))
+    sel.add_argument("--sweep", type=Path, default=Path("configs/studies/study_tuned.yaml"))
+    sel.add_argument("--data", nargs="+", default=["fashion_mnist", "mnist"])
+    sel.add_argument("--models", nargs="+", default=["lenet300"])
     t = sub.add_parser("table", help="the results table of a directory of runs, or the paired HAM-vs-base "
                                      "table of a cells CSV")
     t.add_argument("root", type=Path, help="a directory of runs, or a cells CSV")
@@ -174,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         from sparseham.analysis.clamp_study import write
 
         print(f"wrote {write(args.root, args.out)}")
+        return 0
+    if args.cmd == "select" and args.root.is_file():
+        from sparseham.analysis.budget import write
+
+        write(args.root, args.selection, args.sweep, args.data, args.models)
+        print(f"wrote {args.selection} and {args.sweep}")
         return 0
     if args.cmd == "table" and args.root.is_file():
         from sparseham.analysis.paired import write_table
