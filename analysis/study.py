@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                                      "table of a cells CSV")
     t.add_argument("root", type=Path, help="a directory of runs, or a cells CSV")
     t.add_argument("--out", type=Path, default=Path("docs"))
+    f = sub.add_parser("flips", help="cumulative sign flips of the RigL and random-PaI runs under a "
+                                     "directory, as a small CSV to commit (the table draws flips.png)")
+    f.add_argument("root", type=Path, help="a directory of runs (runs/studies/study)")
+    f.add_argument("--out", type=Path, default=Path("docs/study/flips.csv"))
     c = sub.add_parser("clamp", help="the HAM-robustness study's tables and heat maps from its cells CSV")
     c.add_argument("root", type=Path, help="the cells CSV (docs/study/ham_clamp/cells.csv)")
     c.add_argument("--out", type=Path, default=Path("docs/study/ham_clamp"))
@@ -190,8 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "table" and args.root.is_file():
         from sparseham.analysis.paired import write_table
+        from sparseham.analysis.study_report import write
 
-        print(f"wrote {write_table(args.root, args.out)}")
+        print(f"wrote {write_table(args.root, args.out)} and {write(args.root, args.out)}")
+        return 0
+    if args.cmd == "flips":
+        from sparseham.analysis.study_report import extract_flips
+
+        print(f"wrote {extract_flips(args.root, args.out)}")
         return 0
     if not args.root.is_dir():
         print(f"error: {args.root} is not a directory of runs", file=sys.stderr)

@@ -1,5 +1,6 @@
 """analysis.study: alpha/beta selection on validation accuracy, and the results table."""
 
+import csv
 import json
 
 import pytest
@@ -116,3 +117,56 @@ def test_paired_table_from_a_cells_csv(tmp_path):
     text = (tmp_path / "out" / "table.md").read_text()
     assert f"| +3.00 [{3 - half:+.2f}, {3 + half:+.2f}] |" in text
     assert "| rigl | 200.0 | 0.001 | 0.02 | 1 | 0 | 0 | 0 |" in text
+
+
+def _tune_row(method, ham, lr, wd, val, init=""):
+    return {"method": method, "init": init or "random", "ham": str(ham), "lr": lr, "weight_decay": wd,
+            "val_acc": str(val)}
+
+
+def test_equal_budget_selection_keeps_the_defaults_on_a_tie_else_the_smaller_lr():
+    from sparseham.analysis.budget import select
+
+    rows = [_tune_row("rigl", False, "0.1", "0.0005", 0.86), _tune_row("rigl", False, "0.05", "0.0005", 0.86),
+            _tune_row("rigl", False, "0.02", "0.0001", 0.80),
+            _tune_row("gmp", True, "0.1", "0.0001", 0.88), _tune_row("gmp", True, "0.02", "0.0005", 0.88),
+            _tune_row("gmp", True, "0.05", "0.0005", 0.87),
+            _tune_row("static", True, "0.1", "0.0001", 0.90, init="snip"),
+            _tune_row("static", True, "0.05", "0.0005", 0.85, init="snip")]
+    chosen = select(rows)
+    def pick(key):
+        return chosen[key]["lr"], chosen[key]["weight_decay"]
+
+    assert pick(("rigl", "", False)) == ("0.05", "0.0005")
+    assert pick(("gmp", "", True)) == ("0.02", "0.0005")
+    snip = chosen[("static", "snip", True)]
+    assert (snip["lr"], snip["val_acc"], snip["default_val_acc"]) == ("0.1", 0.90, 0.85)
+
+
+def test_study_report_pairs_tuned_arms_and_reuses_the_defaults(tmp_path):
+    from sparseham.analysis.study_report import tuned_rows, write
+
+    def row(method, ham, seed, acc, lr="0.05", wd="0.0005", target="0.9"):
+        return {"dataset": "mnist", "model": "lenet300", "method": method, "init": "random",
+                "distribution": "erk", "target": target, "ham": str(ham), "alpha": "200.0", "beta": "0.001", "clamp": "0.02",
+                "lr": lr, "weight_decay": wd, "seed": str(seed), "test_acc": str(acc), "val_acc": ""}
+
+    cells = [row("rigl", h, s, a) for h, s, a in ((False, 0, 0.90), (True, 0, 0.92), (False, 1, 0.91),
+                                                    (True, 1, 0.92))]
+    tune = [_tune_row("rigl", False, "0.1", "0.0005", 0.9), _tune_row("rigl", False, "0.05", "0.0005", 0.8),
+            _tune_row("rigl", True, "0.05", "0.0005", 0.9)]
+    tuned = [row("rigl", False, s, a, lr="0.1") for s, a in ((0, 0.915), (1, 0.92))]
+    mixed = tuned_rows(cells, tune, tuned)  # the base arm moved to lr 0.1; HAM's kept its defaults
+    assert sorted((r["ham"], r["lr"]) for r in mixed) == [("False", "0.1")] * 2 + [("True", "0.05")] * 2
+    fields = list(cells[0])
+    for name, rows in (("cells", cells), ("tune", tune), ("tuned", tuned)):
+        with (tmp_path / f"{name}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if name == "tune" else fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    text = write(tmp_path / "cells.csv", tmp_path / "out").read_text()
+    half = 12.706205 * (2 ** 0.5 / 2) / 2 ** 0.5  # t(0.975, 1) * std(2, 1) / sqrt(2)
+    assert f"| RigL | – | +1.50 ± {half:.2f} | – | – |" in text  # at the defaults: diffs 2 and 1
+    assert "| RigL | – | +0.25 ± " in text  # tuned: diffs 0.5 and 0
+    assert "| RigL | +1.13 | +1.04 | +1.50 | – |" in text  # beside the paper's ImageNet gains
+    assert (tmp_path / "out" / "gain_vs_sparsity.png").stat().st_size > 0
