@@ -148,8 +148,9 @@ def test_study_report_pairs_tuned_arms_and_reuses_the_defaults(tmp_path):
 
     def row(method, ham, seed, acc, lr="0.05", wd="0.0005", target="0.9"):
         return {"dataset": "mnist", "model": "lenet300", "method": method, "init": "random",
-                "distribution": "erk", "target": target, "ham": str(ham), "alpha": "200.0", "beta": "0.001", "clamp": "0.02",
-                "lr": lr, "weight_decay": wd, "seed": str(seed), "test_acc": str(acc), "val_acc": ""}
+                "distribution": "erk", "target": target, "ham": str(ham), "alpha": "200.0", "beta": "0.001",
+                "clamp": "0.02", "lr": lr, "weight_decay": wd, "seed": str(seed), "test_acc": str(acc),
+                "val_acc": ""}
 
     cells = [row("rigl", h, s, a) for h, s, a in ((False, 0, 0.90), (True, 0, 0.92), (False, 1, 0.91),
                                                     (True, 1, 0.92))]
