@@ -55,13 +55,16 @@ mutate: data
 clean:
 	rm -rf $(VENV) runs build *.egg-info
 
-# The small-scale study behind the README's results (hours on 2 cores; finished runs are skipped,
-# so it can be stopped and restarted). Step 1 tunes HAM on validation data, step 2 is the grid.
+# The study behind the README's results (issue 17; many hours on 2 cores). Every finished cell
+# is a row of a committed CSV, so this resumes on any machine: 1. equal-budget tuning on
+# validation data, 2. the choice and the tuned sweep it generates, 3. the tuned runs, 4. the
+# grid at the defaults, 5. the tables and figures (the flip curves need the runs of this machine).
 STUDY_JOBS ?= 2
+SWEEP := OMP_NUM_THREADS=1 $(PY) -m sparseham sweep --jobs $(STUDY_JOBS)
 study: data
-	OMP_NUM_THREADS=1 $(PY) -m sparseham sweep configs/studies/tune.yaml --jobs $(STUDY_JOBS)
-	$(PY) -m sparseham study select runs/studies/tune
-	for s in fmnist_lenet300 mnist_lenet300 fmnist_lenet5 mnist_lenet5; do \
-	  OMP_NUM_THREADS=1 $(PY) -m sparseham sweep configs/studies/main_$$s.yaml --jobs $(STUDY_JOBS) || exit 1; \
-	done
-	$(PY) -m sparseham study table runs/studies/main --out docs/study
+	$(SWEEP) studies/study_tune --csv docs/study/tune.csv
+	$(PY) -m sparseham study select docs/study/tune.csv
+	$(SWEEP) studies/study_tuned --csv docs/study/tuned.csv
+	$(SWEEP) studies/study --csv docs/study/cells.csv
+	-$(PY) -m sparseham study flips runs/studies/study --out docs/study/flips.csv
+	$(PY) -m sparseham study table docs/study/cells.csv --out docs/study

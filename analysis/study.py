@@ -174,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
                                      "directory, as a small CSV to commit (the table draws flips.png)")
     f.add_argument("root", type=Path, help="a directory of runs (runs/studies/study)")
     f.add_argument("--out", type=Path, default=Path("docs/study/flips.csv"))
+    r = sub.add_parser("rerun", help="re-run random cells of a study CSV with this code and compare "
+                                     "their test accuracy (exit 1 on a difference)")
+    r.add_argument("root", type=Path, help="the cells CSV (docs/study/cells.csv)")
+    r.add_argument("sweep", help="the sweep file it belongs to (studies/study)")
+    r.add_argument("--cells", type=int, default=3)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--model", help="only rows of this model (lenet300 reruns in seconds)")
     c = sub.add_parser("clamp", help="the HAM-robustness study's tables and heat maps from its cells CSV")
     c.add_argument("root", type=Path, help="the cells CSV (docs/study/ham_clamp/cells.csv)")
     c.add_argument("--out", type=Path, default=Path("docs/study/ham_clamp"))
@@ -198,10 +205,23 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"wrote {write_table(args.root, args.out)} and {write(args.root, args.out)}")
         return 0
+    if args.cmd == "rerun":
+        from sparseham.analysis.reproduce import rerun
+
+        where = (lambda row: row["model"] == args.model) if args.model else None
+        results = rerun(args.root, args.sweep, args.cells, args.seed, where)
+        for cell, stored, new in results:
+            verdict = "(same)" if stored == new else "(DIFFERENT)"
+            print(f"{cell}: stored {stored:.4f}, now {new:.4f} {verdict}")
+        return 0 if all(stored == new for _, stored, new in results) else 1
     if args.cmd == "flips":
         from sparseham.analysis.study_report import extract_flips
 
-        print(f"wrote {extract_flips(args.root, args.out)}")
+        try:
+            print(f"wrote {extract_flips(args.root, args.out)}")
+        except FileNotFoundError as err:
+            print(f"error: {err}; {args.out} left as it was", file=sys.stderr)
+            return 2
         return 0
     if not args.root.is_dir():
         print(f"error: {args.root} is not a directory of runs", file=sys.stderr)

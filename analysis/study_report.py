@@ -177,9 +177,11 @@ def extract_flips(root: Path, out: Path) -> Path:
                          "target": c["sparsity"]["target"], "ham": c["ham"]["enabled"],
                          "seed": c["experiment"]["seed"], "epoch": round(record["epoch"], 4),
                          "flips_per_1000": round(1000 * total / active, 3)})
+    if not rows:  # never replace a committed file with nothing (a new machine has no runs/)
+        raise FileNotFoundError(f"no RigL or random-PaI runs with sign flips under {root}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["dataset"])
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     return out

@@ -171,3 +171,18 @@ def test_study_report_pairs_tuned_arms_and_reuses_the_defaults(tmp_path):
     assert "| RigL | – | +0.25 ± " in text  # tuned: diffs 0.5 and 0
     assert "| RigL | +1.13 | +1.04 | +1.50 | – |" in text  # beside the paper's ImageNet gains
     assert (tmp_path / "out" / "gain_vs_sparsity.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_committed_study_row_reproduces_exactly_with_this_code():
+    """Training on the CPU is deterministic: a LeNet-300 row of docs/study/cells.csv, run again from
+    its sweep with this checkout, gives the same test accuracy to the last digit. A failure means
+    a change altered what the study measured: rerun the study's rows (or say why not)."""
+    from pathlib import Path
+
+    from sparseham.analysis.reproduce import rerun
+
+    csv_path = Path(__file__).resolve().parents[1] / "docs/study/cells.csv"
+    ((cell, stored, new),) = rerun(csv_path, "studies/study", cells=1, seed=7,
+                                   where=lambda row: row["model"] == "lenet300")
+    assert new == stored, cell
