@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "table of a cells CSV")
     t.add_argument("root", type=Path, help="a directory of runs, or a cells CSV")
     t.add_argument("--out", type=Path, default=Path("docs"))
+    t.add_argument("--readme", type=Path, help="a cells CSV: also paste the tables into this README, "
+                                               "between its study-table markers")
     f = sub.add_parser("flips", help="cumulative sign flips of the RigL and random-PaI runs under a "
                                      "directory, as a small CSV to commit (the table draws flips.png)")
     f.add_argument("root", type=Path, help="a directory of runs (runs/studies/study)")
@@ -203,7 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         from sparseham.analysis.paired import write_table
         from sparseham.analysis.study_report import write
 
-        print(f"wrote {write_table(args.root, args.out)} and {write(args.root, args.out)}")
+        results = write(args.root, args.out)
+        print(f"wrote {write_table(args.root, args.out)} and {results}")
+        if args.readme:
+            from sparseham.analysis.study_report import paste
+
+            paste(args.readme, results)
+            print(f"updated {args.readme}")
         return 0
     if args.cmd == "rerun":
         from sparseham.analysis.reproduce import rerun

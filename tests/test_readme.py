@@ -112,3 +112,15 @@ def test_the_resnet20_and_str_tables_in_the_readme_are_the_csvs():
     assert " / ".join(f"{rows[('rigl', 'True', '5.0', s)]:.2f}" for s in "01") in README
     for r in _cells("docs/study/str_projection/cells.csv"):
         assert float(r["sparsity"]) == pytest.approx(float(r["target"]), abs=1e-4)  # exact targets
+
+
+def test_the_readme_study_tables_are_the_committed_csvs(tmp_path):
+    """The README's study tables are exactly what `sparseham study table docs/study/cells.csv`
+    generates from the committed rows (and the tuning and tuned CSVs beside them)."""
+    from sparseham.analysis.study_report import BEGIN, END, readme_block, write
+
+    root = Path(__file__).resolve().parents[1]
+    generated = readme_block(write(root / "docs/study/cells.csv", tmp_path).read_text())
+    block = README.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+    assert block == generated
+    assert "| RigL |" in block and "Equal tuning budgets" in block
