@@ -68,6 +68,8 @@ class TrainingStopped(Exception):
 class Trainer:
     """Owns the objects of one run; see the module docstring."""
 
+    sharded = False  # FSDP (train.distributed: fsdp under torchrun); set in __init__
+
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.device = resolve_device(cfg.train.device)
