@@ -128,10 +128,15 @@ def _kth(flats: Sequence[Tensor], starts: Sequence[int], k: int, group) -> tuple
     from sparseham.topk import topk_mask as local_topk
 
     flat = torch.cat(list(flats)) if len(flats) > 1 else flats[0]
-    index = torch.cat([torch.arange(s, s + f.numel(), device=flat.device) for f, s in zip(flats, starts)])
     take = min(k, flat.numel())
     chosen = local_topk(flat, take) if take else torch.zeros_like(flat, dtype=torch.bool)
-    values, where = flat[chosen].double(), index[chosen]
+    # Flat indices of the candidates only (no index per weight): their position in the local
+    # concatenation, moved to each piece's place in the whole.
+    position = chosen.nonzero().flatten()
+    ends = torch.tensor([f.numel() for f in flats], device=flat.device).cumsum(0)
+    piece = torch.searchsorted(ends, position, right=True)
+    shift = torch.tensor(starts, device=flat.device) - torch.cat([ends.new_zeros(1), ends[:-1]])
+    values, where = flat[chosen].double(), position + shift[piece]
     size = torch.tensor([take], device=flat.device)
     dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
     pad = int(size) - take  # pads rank last: -inf and indices past every real one
@@ -148,9 +153,13 @@ def _kth(flats: Sequence[Tensor], starts: Sequence[int], k: int, group) -> tuple
 
 
 def _keep(flat: Tensor, start: int, value: Tensor, where: Tensor) -> Tensor:
-    index = torch.arange(start, start + flat.numel(), device=flat.device)
-    v = flat.double()
-    return (v > value) | ((v == value) & (index <= where))
+    """Entries above the k-th (value, index) pair: larger values, and equal ones at a flat index
+    up to ``where`` (candidate values are this dtype's own, so the comparison is exact)."""
+    value = value.to(flat.dtype)
+    keep = flat > value
+    ties = flat == value
+    ties[max(0, int(where) - start + 1):] = False  # one host read, at a mask update only
+    return keep | ties
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:
