@@ -49,9 +49,39 @@ SIGINT write a checkpoint and exit with 128 + the signal number.
 """
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit status 2, as every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _set_values(argv: Sequence[str], known: set[str]) -> list[str]:
+    """``--set a=1 b=2`` as ``--set=a=1 --set=b=2``, so that a value starting with ``-`` (``x=-1``
+    is fine, ``-x`` is not an option) reaches the config loader instead of argparse."""
+    out, in_set, values = [], False, 0
+    for token in argv:
+        if token == "--set":
+            if in_set and not values:
+                out.append("--set")  # no value followed: let argparse say so
+            in_set, values = True, 0
+            continue
+        if in_set and token.split("=", 1)[0] not in known:
+            out.append(f"--set={token}")
+            values += 1
+            continue
+        if in_set and not values:
+            out.append("--set")
+        in_set = False
+        out.append(token)
+    if in_set and not values:
+        out.append("--set")
+    return out
+
+
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparseham train", description=_TRAIN_DOC.split("\n\n")[0],
-                                formatter_class=argparse.RawTextHelpFormatter)
+    p = _OneLineParser(prog="sparseham train", description=_TRAIN_DOC.split("\n\n")[0],
+                       formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", help="YAML config file, or a shipped config's name (sparseham configs)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config keys, values parsed as YAML (--set a=1 b=2; repeatable)")
@@ -91,7 +121,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from sparseham.masks import MaskInvariantError
     from sparseham.train.checkpoint import CheckpointError
 
-    args = _train_parser().parse_args(argv)
+    parser = _train_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(_set_values(argv, set(parser._option_string_actions)))
+    except SystemExit as stop:  # --help (0) or a usage error (2, one line already printed)
+        return int(stop.code or 0)
     if args.help_config:
         print(help_text())
         return 0

@@ -241,3 +241,15 @@ def test_force_never_overwrites_a_run_already_moved_aside(tmp_path, capsys, monk
         assert train_main([str(a) for a in argv]) == 0, capsys.readouterr()
     lrs = {p.name: json.loads((p / "final.json").read_text())["lr"] for p in tmp_path.iterdir()}
     assert lrs == {"run": 0.03, "run.replaced-20261202-000000": 0.01, "run.replaced-20261202-000000-2": 0.02}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "-\U0005598e6", "Ü"], "expected key=value"),  # what hypothesis found
+    (["--set"], "argument --set: expected at least one argument"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_command_line_usage_errors_are_one_line(tmp_path, capsys, argv, message):
+    code = train_main(["--config", "default", "--out", str(tmp_path / "run"), "--print-config", *argv])
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
