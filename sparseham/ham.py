@@ -30,7 +30,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -197,11 +196,14 @@ class HAM(Optimizer):
             # Sharded weights (FSDP2): the step is element-wise, so each rank mirrors its own shard
             # as plain tensors; only the norm cap needs whole-tensor norms (DTensor reduces them).
             sharded = any(sharding.is_sharded(p) for p in stepped)
-            local = (lambda ts: ts if ts is None else [sharding.local(t) for t in ts]) if sharded else None
+            targets = stepped
+            if sharded:
+                targets, grads = [sharding.local(p) for p in stepped], [sharding.local(g) for g in grads]
+                signs = None if signs is None else [sharding.local(t) for t in signs]
             hits, caps = ham(
-                local(stepped) if sharded else stepped,
-                local(grads) if sharded else grads,
-                local(signs) if sharded else signs,
+                targets,
+                grads,
+                signs,
                 lr=group["lr"],
                 alpha=alpha,
                 beta=beta,
@@ -255,8 +257,7 @@ class HAM(Optimizer):
         counts = torch.stack([torch.stack([self._hits[p], self._caps[p]]).to(home) for p in params])
         shard = next((p for p in params if sharding.is_sharded(p)), None)
         if shard is not None:  # per-shard counts: a collective, every rank reads the diagnostics
-            hits = counts[:, 0].clone()
-            dist.all_reduce(hits, group=shard.device_mesh.get_group())
+            hits = sharding.sum_over_ranks(counts[:, 0], shard)
             counts = torch.stack([hits, counts[:, 1]], dim=1)  # a cap flag is already whole-tensor
         counts = counts.tolist()
         layers, hit_total, entries = {}, 0, 0

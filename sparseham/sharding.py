@@ -32,7 +32,7 @@ except ImportError:  # a torch without DTensor: nothing is ever sharded
     DTensor = ()  # type: ignore[assignment,misc]
 
 __all__ = ["is_sharded", "local", "wrap", "local_slice", "full", "full_tree",
-           "shard_model_state", "shard_optimizer_state", "stack_counts", "topk_mask",
+           "shard_model_state", "shard_optimizer_state", "stack_counts", "sum_over_ranks", "topk_mask",
            "global_topk_masks", "nm_mask"]
 
 
@@ -110,9 +110,14 @@ def stack_counts(counts: Sequence[Tensor]) -> Tensor:
     if not any(is_sharded(c) for c in counts):
         return torch.stack(list(counts))
     sharded = next(c for c in counts if is_sharded(c))
-    out = torch.stack([c.to_local() if is_sharded(c) else c for c in counts]).clone()
-    dist.all_reduce(out, group=sharded.device_mesh.get_group())
-    return out
+    return sum_over_ranks(torch.stack([c.to_local() if is_sharded(c) else c for c in counts]), sharded)
+
+
+def sum_over_ranks(t: Tensor, like: Tensor) -> Tensor:
+    """A copy of ``t`` summed over the ranks that shard ``like`` (a collective)."""
+    t = t.clone()
+    dist.all_reduce(t, group=like.device_mesh.get_group())
+    return t
 
 
 def _prepare(local: Tensor) -> Tensor:

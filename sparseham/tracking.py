@@ -142,10 +142,7 @@ class SignFlipTracker:
         return self._summed(torch.stack(self.counts))
 
     def _summed(self, t: Tensor) -> Tensor:
-        if self._like is not None:
-            t = t.clone()
-            dist.all_reduce(t, group=self._like[0].device_mesh.get_group())
-        return t
+        return t if self._like is None else sharding.sum_over_ranks(t, self._like[0])
 
     def read(self) -> dict[str, dict[str, Any]]:
         """Copy the counters to the host (a synchronisation: call at log intervals only).
