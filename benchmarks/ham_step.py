@@ -79,9 +79,8 @@ def _optimizer(weights: list[Tensor], grads: list[Tensor], ham: dict | None) -> 
 
 
 def _state_size(opt: torch.optim.Optimizer) -> tuple[int, int]:
-    """(tensors, bytes) of per-weight state in ``opt.state``; 0-dim entries (the fused cap's pending
-    factor, one per tensor) are left out."""
-    tensors = [v for s in opt.state.values() for v in s.values() if isinstance(v, Tensor) and v.ndim]
+    """(tensors, bytes) held in ``opt.state``."""
+    tensors = [v for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)]
     return len(tensors), sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -91,8 +90,7 @@ def _mirror_fns(weights: list[Tensor], grads: list[Tensor]) -> dict:
     fns = {}
     for name, degree in (("mirror_poly", exp_poly_degree(CLAMP)), ("mirror_exp", None)):
         step = _compiled_pass(degree)
-        fns[name] = lambda step=step: step(mirrored, grads, mirrored, None, LR, ALPHA, BETA, CLAMP, False,
-                                           None)
+        fns[name] = lambda step=step: step(mirrored, grads, mirrored, LR, ALPHA, BETA, CLAMP, False)
     return fns
 
 

@@ -95,10 +95,10 @@ def _exp_poly(e: Tensor, degree: int) -> Tensor:
     return t
 
 
-def _ham_pass(params, grads, signs, scales, lr: float, alpha: float, beta: float, clamp: float,
-              count: bool, max_norm: float | None, degree: int | None = None) -> Counts:
-    hits, capped = [], []
-    for i, (p, g, s) in enumerate(zip(params, grads, signs)):
+def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp: float,
+              count: bool, degree: int | None = None) -> list[Tensor]:
+    hits = []
+    for p, g, s in zip(params, grads, signs):
         e = torch.sign(s) * g * (-lr * alpha) - lr * beta
         # NaN -> 0 (the clamp handles +-inf); a where() compiles to a vector select, nan_to_num
         # to a scalar loop.
@@ -107,23 +107,8 @@ def _ham_pass(params, grads, signs, scales, lr: float, alpha: float, beta: float
             hits.append((e.abs() >= clamp).sum())  # a reduction in the same loop as the update
         e = torch.clamp(e, -clamp, clamp)
         # The degree is chosen for float32; float64 (and half types) keep exp.
-        x = p * (_exp_poly(e, degree) if degree is not None and p.dtype == torch.float32 else torch.exp(e))
-        if scales is not None:  # the lagged norm cap: last step's rescale, then this step's norm
-            x = x * scales[i]
-            capped.append(_lagged_cap(x, scales[i], max_norm))
-        p.copy_(x)
-    return hits, capped
-
-
-def _lagged_cap(x: Tensor, scale: Tensor, max_norm: float) -> Tensor:
-    """Set ``scale`` (in place) to the factor that brings ``x``'s L2 norm to ``max_norm``; the
-    next pass applies it. The squares are summed in float64, in registers: a float32 sum
-    overflows once entries pass ~1.8e19 (where the cap matters most). Returns the capped flag."""
-    norm = (x.double() ** 2).sum().sqrt()
-    # A NaN or inf entry makes the norm non-finite: leave that tensor alone rather than spread it.
-    new = torch.where(torch.isfinite(norm), torch.clamp(max_norm / norm, max=1.0), 1.0)
-    scale.copy_(new)
-    return (new < 1.0).long()
+        p.mul_(_exp_poly(e, degree) if degree is not None and p.dtype == torch.float32 else torch.exp(e))
+    return hits
 
 
 _compiled: dict[int | None, Callable] = {}
@@ -133,8 +118,8 @@ def _compiled_pass(degree: int | None) -> Callable:
     """``_ham_pass`` compiled with ``degree`` as a closure constant: an int argument would turn
     symbolic at its second value, as ``lr`` does, and the Horner loop needs a Python int."""
     if degree not in _compiled:
-        def ham_pass(params, grads, signs, scales, lr, alpha, beta, clamp, count, max_norm):
-            return _ham_pass(params, grads, signs, scales, lr, alpha, beta, clamp, count, max_norm, degree)
+        def ham_pass(params, grads, signs, lr, alpha, beta, clamp, count):
+            return _ham_pass(params, grads, signs, lr, alpha, beta, clamp, count, degree)
 
         # Dynamo keeps its graphs, and its recompile limit (fatal under fullgraph), per code object:
         # one per degree, so a second clamp in the process costs no entries of the first's.
@@ -143,20 +128,15 @@ def _compiled_pass(degree: int | None) -> Callable:
     return _compiled[degree]
 
 
-def _fused_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm, count=True, scales=None) -> Counts:
+def _fused_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm, count=True) -> Counts:
     """Apply the mirror step to every tensor in one compiled call (see ``sparseham.ham``).
 
-    With ``scales`` (and ``max_norm``) the norm cap lags one step and costs no pass of its own:
-    the compiled pass multiplies each tensor by its pending factor, sums its squares on the way
-    and sets the factor for the next call. Without them, the cap runs after the pass as the eager
-    foreach ``cap_norms_`` (compiled into the graph as a second pass over the output, inductor's
-    CPU code for its two reductions cost about 4x an SGD step, the eager version 0.6x).
+    The norm cap runs after it as the eager foreach ``cap_norms_``: compiled into the same graph,
+    inductor's CPU code for the two reductions cost about 4x an SGD step, the eager version 0.6x.
     """
     compiled = _compiled_pass(exp_poly_degree(float(clamp)))
-    lagged = scales is not None and max_norm is not None
-    hits, capped = compiled(params, grads, signs, scales if lagged else None, lr, float(alpha), float(beta),
-                            float(clamp), count, float(max_norm) if lagged else None)
-    return list(hits), list(capped) if lagged else _cap_grouped(params, max_norm)
+    hits = compiled(params, grads, signs, lr, float(alpha), float(beta), float(clamp), count)
+    return list(hits), _cap_grouped(params, max_norm)
 
 
 def _single_tensor_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm, count=True) -> Counts:

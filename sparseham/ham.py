@@ -39,7 +39,6 @@ from ._ham_kernels import _fused_ham, _multi_tensor_ham, _single_tensor_ham, cap
 __all__ = ["HAM", "ham"]
 
 _SIGNS = ("half_step", "pre_step")
-_SCALE = "ham_norm_scale"  # the optimizer-state key of the lagged norm cap's pending factor
 
 
 class HAM(Optimizer):
@@ -65,12 +64,7 @@ class HAM(Optimizer):
         max_norm: after the mirror step, every mirrored tensor whose L2 norm exceeds ``max_norm`` is
             rescaled to it, on the device. This is the authors' guard against overflow: with
             ``alpha * lr`` large, factors of up to :math:`e^{clamp}` per step overflow float32 within a
-            few dozen steps. ``None`` disables it. The eager kernels cap in a pass of their own
-            after the mirror step. The fused kernel takes the norms as a by-product of its pass
-            and rescales in the next step's pass: the cap lags one step (a tensor may exceed
-            ``max_norm`` by one step's growth, at most a factor :math:`e^{clamp}` from the
-            mirror step plus the base step's move, for one forward pass) and costs no extra
-            pass. The pending factor lives in the optimizer state (``"ham_norm_scale"``).
+            few dozen steps. ``None`` disables it (one pass over the weights cheaper).
         min_ndim: only tensors with ``ndim >= min_ndim`` get the mirror step (biases and norm layers
             are left alone).
         foreach: use the multi-tensor ``torch._foreach_*`` path (default when ``fused`` is off).
@@ -203,7 +197,6 @@ class HAM(Optimizer):
             # as plain tensors; only the norm cap needs whole-tensor norms (DTensor reduces them).
             sharded = any(sharding.is_sharded(p) for p in stepped)
             targets = stepped
-            lagged = self.fused and not sharded and self.max_norm is not None  # the cap rides the pass
             if sharded:
                 targets, grads = [sharding.local(p) for p in stepped], [sharding.local(g) for g in grads]
                 signs = None if signs is None else [sharding.local(t) for t in signs]
@@ -219,20 +212,11 @@ class HAM(Optimizer):
                 foreach=self.foreach,
                 fused=self.fused,
                 count=count,
-                scales=self._scales(stepped) if lagged else None,
             )
             if sharded and self.max_norm is not None:
                 caps = [sharding.local(c) for c in cap_norms_(stepped, self.max_norm)]
             self._count(stepped, hits, caps)
         return loss
-
-    def _scales(self, params: list[Tensor]) -> list[Tensor]:
-        """The lagged norm cap's pending factors, one 0-dim tensor in each parameter's optimizer
-        state (so checkpoints carry them; state masking and resets skip 0-dim tensors)."""
-        for p in params:
-            if _SCALE not in self.state[p]:
-                self.state[p][_SCALE] = torch.ones((), dtype=p.dtype, device=p.device)
-        return [self.state[p][_SCALE] for p in params]
 
     def _count(self, params: list[Tensor], hits: list[Tensor], caps: list[Tensor]) -> None:
         for p in params:
@@ -304,7 +288,6 @@ def ham(
     foreach: bool | None = None,
     fused: bool | None = None,
     count: bool = True,
-    scales: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     r"""Functional mirror step, in place: ``p *= exp(clamp(-lr*(alpha*sign(s)*g + beta), -c, c))``.
 
@@ -315,9 +298,6 @@ def ham(
         lr, alpha, beta, clamp, max_norm: see :class:`HAM`.
         foreach, fused: implementation choice; the default is foreach.
         count: also count the entries whose exponent reaches the clamp.
-        scales: with ``fused`` and ``max_norm``, one 0-dim tensor per parameter (start at 1.0),
-            updated in place: the cap lags one step and needs no pass of its own (see
-            :class:`HAM`). Ignored by the eager kernels, which cap at once.
 
     Returns:
         Per tensor, on its device: the number of entries whose exponent reached the clamp, and
@@ -329,7 +309,7 @@ def ham(
         signs = params
     hyper = {"lr": lr, "alpha": alpha, "beta": beta, "clamp": clamp, "max_norm": max_norm, "count": count}
     if fused:
-        return _fused_ham(params, grads, signs, scales=scales, **hyper)
+        return _fused_ham(params, grads, signs, **hyper)
     if foreach is False:
         return _single_tensor_ham(params, grads, signs, **hyper)
     return _multi_tensor_ham(params, grads, signs, **hyper)

@@ -413,33 +413,7 @@ def test_diagnostics_count_clamped_entries_and_caps(impl):
     diag = opt.diagnostics({p: "w"})
     assert diag["clamped_fraction"] == 1.0 and diag["clamped"] == 30 and diag["capped"] == 3
     assert diag["layers"]["w"] == {"clamped_fraction": 1.0, "capped": 3}
-    norm = torch.linalg.vector_norm(p.detach()).item()
-    if impl.get("fused"):  # the cap lags one step: the factor waits for the next pass
-        assert norm > 6 and (norm * opt.state[p]["ham_norm_scale"]).item() == pytest.approx(3.0, rel=1e-6)
-    else:
-        assert norm == pytest.approx(3.0, rel=1e-6)
-
-
-def test_fused_norm_cap_lags_one_step_and_costs_no_pass():
-    """Fused, the norm comes out of the mirror pass and its rescale is applied in the next one."""
-    p = nn.Parameter(torch.full((4, 25), 1.0))  # norm 10
-    opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=1.0, beta=0.0, max_norm=3.0, fused=True, diagnostics=1)
-    p.grad = torch.zeros(4, 25)  # factor 1: only the cap moves the weights
-    opt.step()
-    assert torch.equal(p.detach(), torch.ones(4, 25))  # measured, not yet applied
-    assert opt.state[p]["ham_norm_scale"].item() == pytest.approx(0.3)
-    opt.step()
     assert torch.linalg.vector_norm(p.detach()).item() == pytest.approx(3.0, rel=1e-6)
-    # At the cap the float32 norm may land an ulp above max_norm: the next factor is 1 - 1 ulp.
-    assert opt.state[p]["ham_norm_scale"].item() == pytest.approx(1.0, abs=1e-6)
-    assert opt.diagnostics()["capped"] >= 1
-    big = nn.Parameter(torch.full((2, 2), 1e30))  # squares overflow float32: the norm is still found
-    opt = HAM(torch.optim.SGD([big], lr=0.1), alpha=1.0, beta=0.0, max_norm=3.0, fused=True)
-    big.grad = torch.zeros(2, 2)
-    opt.step()
-    opt.step()
-    assert torch.linalg.vector_norm(big.detach()).item() == pytest.approx(3.0, rel=1e-6)
-    assert "ham_norm_scale" in opt.state_dict()["state"][0]  # checkpoints carry the pending factor
 
 
 def test_diagnostics_fraction_on_a_mixed_tensor():
