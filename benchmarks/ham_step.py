@@ -17,6 +17,8 @@ random weights and gradients, one process, repeats interleaved:
 - ``mirror_poly`` / ``mirror_exp``: the compiled mirror pass alone (no base step, no cap, no
   count) at the default clamp, on the same tensors, with the polynomial ``exp_poly_degree`` picks
   and with ``torch.exp``: only the factor's computation differs;
+- ``cap_pass``: the norm cap ``cap_norms_`` alone (every kernel runs it after the mirror step),
+  next to what the cap adds to the fused step, ``ham_fused - ham_fused_nocap``;
 - ``roofline``: one ``torch._foreach_add_(params, grads, alpha=1e-12)``, i.e. read two tensors and
   write one, the least a step that reads the gradient can do.
 
@@ -42,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 import sparseham
-from sparseham._ham_kernels import _compiled_pass, exp_poly_degree
+from sparseham._ham_kernels import _compiled_pass, cap_norms_, exp_poly_degree
 
 if __package__:
     from ._common import interleaved, machine, model_shapes, summarize
@@ -103,6 +105,8 @@ def _build(shapes: list[tuple[int, ...]], seed: int) -> tuple[dict, dict, dict[s
     fns = {name: opt.step for name, opt in opts.items()}
     fns |= _mirror_fns(weights, grads)
     fns["roofline"] = lambda: torch._foreach_add_(roof, grads, alpha=1e-12)
+    capped = [w.clone() for w in weights]
+    fns["cap_pass"] = lambda: cap_norms_(capped, 1e30)  # the eager cap's own pass (never rescales)
     compile_s = {}
     for name in ("ham_fused", "ham_fused_nocap", "ham_fused_nodiag", "ham_fused_diag1"):
         t0 = time.perf_counter()
@@ -139,6 +143,8 @@ def bench(name: str, repeats: int, seed: int) -> dict:
         ratios[f"mirror/sgd {kind}"] = _ratio(samples, ham, "sgd", "sgd") | {"target": TARGETS[kind]}
         ratios[f"mirror/sgd {kind}, max_norm=None"] = _ratio(samples, nocap, "sgd", "sgd")
         ratios[f"mirror/roofline {kind}"] = _ratio(samples, ham, "sgd", "roofline")
+    ratios["norm cap/sgd, inside the fused step"] = _ratio(samples, "ham_fused", "ham_fused_nocap", "sgd")
+    ratios["norm cap/sgd, its pass alone"] = _ratio(samples, "cap_pass", None, "sgd")
     ratios["diagnostics/sgd fused"] = _ratio(samples, "ham_fused", "ham_fused_nodiag", "sgd") | {
         "target": TARGETS["diagnostics"]}
     ratios["diagnostics/sgd fused, a counted step"] = _ratio(samples, "ham_fused_diag1", "ham_fused_nodiag",

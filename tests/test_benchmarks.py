@@ -97,3 +97,10 @@ def test_pipeline_step_quick(tmp_path, monkeypatch):
     assert set(result["ratio_over_base"]) == {f"pipeline_{o}_{p}" for o in ("sgd", "adamw")
                                               for p in ("eager", "fused")} | {"roofline", "grad_reset"}
     assert all(s["n"] == 2 for s in result["seconds"].values())
+
+
+def test_one_pass_probe_quick(tmp_path, monkeypatch):
+    (result,) = run_script("one_pass_probe", tmp_path, monkeypatch)["results"]
+    assert result["tensors"] == 2 and result["counts_identical"]  # compiled == eager transcription
+    assert result["max_abs_diff_vs_eager"] < 1e-6 and result["ratio"] > 0
+    assert all(s["n"] == 2 for s in result["seconds"].values())

@@ -175,9 +175,11 @@ def test_study_report_pairs_tuned_arms_and_reuses_the_defaults(tmp_path):
 
 @pytest.mark.slow
 def test_a_committed_study_row_reproduces_exactly_with_this_code():
-    """Training on the CPU is deterministic: a LeNet-300 row of docs/study/cells.csv, run again from
-    its sweep with this checkout, gives the same test accuracy to the last digit. A failure means
-    a change altered what the study measured: rerun the study's rows (or say why not)."""
+    """A LeNet-300 row of docs/study/cells.csv, run again from its sweep with this checkout, gives
+    the same test accuracy. On the CPU that recorded the rows it is the same to the last digit;
+    another CPU's kernels round differently (this row: 0.9656 recorded, 0.9653 on an AVX2-only
+    EPYC, i.e. 3 of 10,000 test images), so the test allows 10 images. A failure means a change
+    altered what the study measured: rerun the study's rows (or say why not)."""
     from pathlib import Path
 
     from sparseham.analysis.reproduce import rerun
@@ -185,4 +187,4 @@ def test_a_committed_study_row_reproduces_exactly_with_this_code():
     csv_path = Path(__file__).resolve().parents[1] / "docs/study/cells.csv"
     ((cell, stored, new),) = rerun(csv_path, "studies/study", cells=1, seed=7,
                                    where=lambda row: row["model"] == "lenet300")
-    assert new == stored, cell
+    assert abs(new - stored) <= 1e-3, (cell, stored, new)
