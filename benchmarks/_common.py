@@ -7,6 +7,7 @@ variants alike; :func:`summarize` reports the median with the interquartile rang
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Summary", "interleaved", "machine", "model_shapes", "summarize", "write_report"]
+__all__ = ["QUICK_SHAPES", "Summary", "interleaved", "machine", "model_shapes", "shapes_cli", "summarize",
+           "weight_shapes", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,34 @@ def model_shapes(name: str) -> list[tuple[int, ...]]:
     with torch.device("meta"):
         model = getattr(torchvision.models, name)(weights=None)
     return [tuple(p.shape) for p in model.parameters()]
+
+
+QUICK_SHAPES = [(64, 16, 3, 3), (128, 64)]  # --quick: a smoke run, two small tensors
+
+
+def weight_shapes(name: str) -> list[tuple[int, ...]]:
+    """The weight tensors' shapes (ndim >= 2) of ``torchvision.models.<name>()``; ``QUICK_SHAPES``
+    for ``"quick"``."""
+    return QUICK_SHAPES if name == "quick" else [s for s in model_shapes(name) if len(s) >= 2]
+
+
+def shapes_cli(prog: str, doc: str, argv: list[str] | None, *, shapes: tuple[str, ...],
+               repeats: int) -> tuple[list[str], int, Path | None]:
+    """The command line of the scripts that time steps over model weights: ``--shapes`` (one of
+    ``shapes``; ``both`` means ResNet-18 and ResNet-50), ``--repeats``, ``--threads`` (set here),
+    ``--json`` and ``--quick``. Prints the machine line; returns (shape names, repeats, json path)."""
+    parser = argparse.ArgumentParser(prog=f"python benchmarks/{prog}", description=doc.split("\n")[0])
+    parser.add_argument("--shapes", choices=shapes, default=shapes[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--quick", action="store_true", help="smoke run: two small tensors, 2 repeats")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(machine())
+    if args.quick:
+        return ["quick"], 2, args.json
+    return (["resnet18", "resnet50"] if args.shapes == "both" else [args.shapes]), args.repeats, args.json
 
 
 def write_report(json_path: Path | None, **entries) -> dict:

@@ -19,16 +19,14 @@ left out (see RESULTS.md section 10).
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 
 if __package__:
-    from ._common import interleaved, machine, model_shapes, summarize, write_report
+    from ._common import interleaved, shapes_cli, summarize, weight_shapes, write_report
 else:  # run as a script: benchmarks/ is on sys.path
-    from _common import interleaved, machine, model_shapes, summarize, write_report
+    from _common import interleaved, shapes_cli, summarize, weight_shapes, write_report
 
 LR, MOMENTUM, WD, ALPHA, BETA, CLAMP = 0.05, 0.9, 5e-4, 200.0, 1e-3, 0.02
 
@@ -55,11 +53,8 @@ def one_pass(params, grads, bufs, masks, codes, counts, lr, momentum, wd, alpha,
     return hits
 
 
-QUICK_SHAPES = [(64, 16, 3, 3), (128, 64)]
-
-
 def bench(name: str, repeats: int) -> dict:
-    shapes = QUICK_SHAPES if name == "quick" else [s for s in model_shapes(name) if len(s) >= 2]
+    shapes = weight_shapes(name)
     g = torch.Generator().manual_seed(0)
     params = [0.05 * torch.randn(s, generator=g) for s in shapes]
     grads = [1e-2 * torch.randn(s, generator=g) for s in shapes]
@@ -99,18 +94,9 @@ def bench(name: str, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python benchmarks/one_pass_probe.py",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", choices=("resnet18", "resnet50"), default="resnet18")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--quick", action="store_true", help="smoke run: two small tensors, 2 repeats")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(machine())
-    return write_report(args.json, results=[bench("quick" if args.quick else args.shapes,
-                                                  2 if args.quick else args.repeats)])
+    names, repeats, json_path = shapes_cli("one_pass_probe.py", __doc__, argv,
+                                           shapes=("resnet18", "resnet50"), repeats=15)
+    return write_report(json_path, results=[bench(n, repeats) for n in names])
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ as median [IQR].
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,10 +29,10 @@ from torch import nn
 from sparseham import HAM, MaskManager, SignFlipTracker, methods
 
 if __package__:
-    from ._common import interleaved, machine, model_shapes, summarize, write_report
+    from ._common import interleaved, shapes_cli, summarize, weight_shapes, write_report
     from .tracker import paired_ratio
 else:  # run as a script: benchmarks/ is on sys.path
-    from _common import interleaved, machine, model_shapes, summarize, write_report
+    from _common import interleaved, shapes_cli, summarize, weight_shapes, write_report
     from tracker import paired_ratio
 
 __all__ = ["TARGET", "bench", "main"]
@@ -93,11 +91,8 @@ def _variant(weights, grads, opt_name: str, pipeline: str | None):
     return step
 
 
-QUICK_SHAPES = [(64, 16, 3, 3), (128, 64)]  # --quick: a smoke run, two small tensors
-
-
 def bench(name: str, repeats: int, seed: int = 0) -> dict:
-    shapes = QUICK_SHAPES if name == "quick" else [s for s in model_shapes(name) if len(s) >= 2]
+    shapes = weight_shapes(name)
     weights, grads = _tensors(shapes, seed)
     fns, compile_s = {}, {}
     for opt_name in ("sgd", "adamw"):
@@ -134,20 +129,9 @@ def _print(out: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python benchmarks/pipeline_step.py",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", choices=("resnet18", "resnet50", "both"), default="resnet18")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--quick", action="store_true", help="smoke run: two small tensors, 2 repeats")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(machine())
-    names = ["resnet18", "resnet50"] if args.shapes == "both" else [args.shapes]
-    if args.quick:
-        names, args.repeats = ["quick"], 2
-    return write_report(args.json, results=[bench(n, args.repeats) for n in names])
+    names, repeats, json_path = shapes_cli("pipeline_step.py", __doc__, argv,
+                                           shapes=("resnet18", "resnet50", "both"), repeats=10)
+    return write_report(json_path, results=[bench(n, repeats) for n in names])
 
 
 if __name__ == "__main__":
