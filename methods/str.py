@@ -210,6 +210,9 @@ class STR(Method):
     def tracking_masks(self, manager):
         return manager.masks if self.projected else self._implicit_masks()
 
+    def tracking_masks_fixed(self, manager):
+        return self.projected  # the implicit masks |W| > tau follow the step's weights
+
     def effective_weights(self, manager):
         return manager.params if self.projected else [m.weight.detach() for m in self.modules]
 

@@ -95,19 +95,27 @@ def _exp_poly(e: Tensor, degree: int) -> Tensor:
     return t
 
 
+def _mirror_factor(s: Tensor, g: Tensor, lr, alpha, beta, clamp, degree: int | None) -> tuple[Tensor, Tensor]:
+    """The mirror step's factor ``exp(clamp(-lr*(alpha*sign(s)*g + beta)))`` on one tensor, for
+    the compiled kernels (this one and ``sparseham._fused_step``); also where the clamp was reached."""
+    e = torch.sign(s) * g * (-lr * alpha) - lr * beta
+    # NaN -> 0 (the clamp handles +-inf); a where() compiles to a vector select, nan_to_num
+    # to a scalar loop.
+    e = torch.where(e == e, e, 0.0)
+    hit = e.abs() >= clamp
+    e = torch.clamp(e, -clamp, clamp)
+    # The degree is chosen for float32; float64 (and half types) keep exp.
+    return (_exp_poly(e, degree) if degree is not None and s.dtype == torch.float32 else torch.exp(e)), hit
+
+
 def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp: float,
               count: bool, degree: int | None = None) -> list[Tensor]:
     hits = []
     for p, g, s in zip(params, grads, signs):
-        e = torch.sign(s) * g * (-lr * alpha) - lr * beta
-        # NaN -> 0 (the clamp handles +-inf); a where() compiles to a vector select, nan_to_num
-        # to a scalar loop.
-        e = torch.where(e == e, e, 0.0)
+        factor, hit = _mirror_factor(s, g, lr, alpha, beta, clamp, degree)
         if count:
-            hits.append((e.abs() >= clamp).sum())  # a reduction in the same loop as the update
-        e = torch.clamp(e, -clamp, clamp)
-        # The degree is chosen for float32; float64 (and half types) keep exp.
-        p.mul_(_exp_poly(e, degree) if degree is not None and p.dtype == torch.float32 else torch.exp(e))
+            hits.append(hit.sum())  # a reduction in the same loop as the update
+        p.mul_(factor)
     return hits
 
 

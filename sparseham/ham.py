@@ -26,6 +26,8 @@ authors' code.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,8 +35,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import sharding
-from ._ham_kernels import _fused_ham, _multi_tensor_ham, _single_tensor_ham, cap_norms_
+from . import _fused_step, sharding
+from ._ham_kernels import (
+    _cap_grouped,
+    _fused_ham,
+    _multi_tensor_ham,
+    _single_tensor_ham,
+    cap_norms_,
+    exp_poly_degree,
+)
 
 __all__ = ["HAM", "ham"]
 
@@ -64,11 +73,26 @@ class HAM(Optimizer):
         max_norm: after the mirror step, every mirrored tensor whose L2 norm exceeds ``max_norm`` is
             rescaled to it, on the device. This is the authors' guard against overflow: with
             ``alpha * lr`` large, factors of up to :math:`e^{clamp}` per step overflow float32 within a
-            few dozen steps. ``None`` disables it (one pass over the weights cheaper).
+            few dozen steps. ``None`` disables it. The cap is a pass of its own (about 0.8x an SGD
+            step: two reads for the norm and its overflow bound, one read-modify-write), so it runs
+            on the first step and then every ``cap_every`` steps.
+        cap_every: steps between two caps; default :math:`\max(1, \lfloor \ln 2 / clamp \rfloor)`:
+            the mirror step alone can at most double a tensor between two caps (34 steps at the
+            default clamp, every step from clamp 0.7 on, so the authors' clamp 5 caps every step).
+            Why not a cap taken from the norms of the one-pass step's own pass and applied in the
+            next one (issue 16): the lag would make the one-pass and the staged results differ, and
+            amortizing makes the cap's cost about 0.02x an SGD step on either path.
         min_ndim: only tensors with ``ndim >= min_ndim`` get the mirror step (biases and norm layers
             are left alone).
-        foreach: use the multi-tensor ``torch._foreach_*`` path (default when ``fused`` is off).
-        fused: one compiled pass per tensor (``torch.compile``), compiled once per parameter layout.
+        foreach: the staged mirror step's multi-tensor ``torch._foreach_*`` path (the default when
+            the one-pass step does not apply); ``False``: a for-loop over tensors.
+        fused: ``None`` (auto, the default) runs the *one-pass step* where it applies: base step,
+            mirror step and, inside :meth:`sparseham.MaskManager.step`, the masks and the sign-flip
+            tracker in one compiled pass per tensor (``sparseham._fused_step``; SGD, Adam and AdamW,
+            see its ``unsupported`` for the conditions; the first step compiles, seconds on CPU).
+            Elsewhere it runs the staged path: the base optimizer's own step, then the mirror step.
+            ``True``: the same, and the staged mirror step as one compiled pass per tensor, with a
+            warning saying why the one-pass step does not apply. ``False``: always staged, eager.
         sam_gradient: around a :class:`sparseham.SAM` base, the gradient the mirror step uses:
             ``"perturbed"`` (the default: the gradient at the perturbed point, what the authors'
             wrapper sees around a SAM optimizer, since ``.grad`` holds it after SAM's second pass)
@@ -94,6 +118,7 @@ class HAM(Optimizer):
         sign: str = "half_step",
         clamp: float = 0.02,
         max_norm: float | None = 1000.0,
+        cap_every: int | None = None,
         min_ndim: int = 2,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -117,12 +142,18 @@ class HAM(Optimizer):
         self.optimizer = optimizer
         clash = {"alpha", "beta"} & set(optimizer.defaults)
         self._keys = ("ham_alpha", "ham_beta") if clash else ("alpha", "beta")
+        if cap_every is not None and (isinstance(cap_every, bool) or not isinstance(cap_every, int)
+                                      or cap_every < 1):
+            raise ValueError(f"Invalid cap_every value: {cap_every!r}; an int >= 1 or None")
         self.sign, self.clamp, self.max_norm, self.min_ndim = sign, float(clamp), max_norm, min_ndim
+        self.cap_every = cap_every or max(1, math.floor(math.log(2) / self.clamp))
         self.foreach, self.fused, self.diagnostics_every = foreach, fused, diagnostics
         self.sam_gradient = sam_gradient
         if sam_gradient == "original" and hasattr(optimizer, "keep_first_grads"):
             optimizer.keep_first_grads = True
         self._calls = 0  # host-side: which steps count the clamped entries
+        self._stages: _fused_step.Stages | None = None  # handed over by MaskManager for one step
+        self._warned_staged = False
         # The base's defaults too: schedulers such as OneCycleLR and CyclicLR look for
         # "momentum" or "betas" there.
         defaults = {**optimizer.defaults, self._keys[0]: float(alpha), self._keys[1]: float(beta)}
@@ -167,9 +198,47 @@ class HAM(Optimizer):
     def _mirrored(self, group: dict[str, Any]) -> list[Tensor]:
         return [p for p in group["params"] if p.ndim >= self.min_ndim]
 
+    def one_pass_blocker(self) -> str | None:
+        """Why the next :meth:`step` runs staged rather than as the one-pass step (``None``: one pass)."""
+        if self.fused is False or self.foreach is not None:
+            return "fused=False" if self.fused is False else "foreach chosen"
+        why = _fused_step.unsupported(self.optimizer)
+        if why is not None and self.fused and not self._warned_staged:
+            self._warned_staged = True
+            warnings.warn(f"HAM(fused=True): the one-pass step does not apply ({why}); the base step runs "
+                          "on its own and the mirror step as one compiled pass", stacklevel=3)
+        return why
+
+    def take_stages(self, stages: _fused_step.Stages | None) -> bool:
+        """For :class:`sparseham.MaskManager`: do this step's masks and tracker update inside the
+        one-pass step. Returns whether the next :meth:`step` takes them (``None`` withdraws them)."""
+        if stages is not None:
+            params = {id(p) for g in self.param_groups for p in g["params"]}
+            wanted = [*stages.masks, *stages.track]
+            if (self.one_pass_blocker() is not None
+                    or any(id(p) not in params or p.grad is None for p in wanted)):
+                stages = None
+        self._stages = stages
+        return stages is not None
+
+    def _tick(self) -> tuple[bool, float | None]:
+        """Count this step: whether it counts the clamped entries (every ``diagnostics``-th), and
+        the ``max_norm`` it caps at (``None`` between caps: the first step, then every ``cap_every``)."""
+        every, self._calls = self.diagnostics_every, self._calls + 1
+        capping = self.max_norm is not None and (self._calls - 1) % self.cap_every == 0
+        return every > 0 and self._calls % every == 0, self.max_norm if capping else None
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         """Run the base step, then the mirror step on every tensor with ``ndim >= min_ndim``."""
+        stages, self._stages = self._stages, None
+        if stages is not None or self.one_pass_blocker() is None:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._one_pass(stages)
+            return loss
         pre_signs = None
         if self.sign == "pre_step":
             # HYP needs sign(x_k): snapshot it before the base step moves the weights.
@@ -179,8 +248,7 @@ class HAM(Optimizer):
         else:
             loss = self.optimizer.step(closure)
         key_a, key_b = self._keys
-        every, self._calls = self.diagnostics_every, self._calls + 1
-        count = every > 0 and self._calls % every == 0
+        count, max_norm = self._tick()
         for i, group in enumerate(self.param_groups):
             alpha, beta = group[key_a], group[key_b]
             if alpha == 0 and beta == 0:
@@ -208,15 +276,49 @@ class HAM(Optimizer):
                 alpha=alpha,
                 beta=beta,
                 clamp=self.clamp,
-                max_norm=None if sharded else self.max_norm,
+                max_norm=None if sharded else max_norm,
                 foreach=self.foreach,
                 fused=self.fused,
                 count=count,
             )
-            if sharded and self.max_norm is not None:
-                caps = [sharding.local(c) for c in cap_norms_(stepped, self.max_norm)]
+            if sharded and max_norm is not None:
+                caps = [sharding.local(c) for c in cap_norms_(stepped, max_norm)]
             self._count(stepped, hits, caps)
         return loss
+
+    def _one_pass(self, stages: _fused_step.Stages | None) -> None:
+        """The one-pass step (``sparseham._fused_step``) for every tensor with a stage to fuse, then
+        the norm cap; the base optimizer's own step for the rest (1-D tensors, unmanaged ones)."""
+        key_a, key_b = self._keys
+        (count, max_norm), degree = self._tick(), exp_poly_degree(self.clamp)
+        managed = set() if stages is None else {*stages.masks, *stages.track}
+        plan, rest = [], False
+        for group in self.param_groups:
+            alpha, beta = group[key_a], group[key_b]
+            mirror = None if alpha == 0 and beta == 0 else (group["lr"], alpha, beta, self.clamp)
+            mirrored = {p for p in self._mirrored(group) if p.grad is not None} if mirror else set()
+            fused = [p for p in group["params"] if p.grad is not None and (p in mirrored or p in managed)]
+            rest = rest or len(fused) < sum(p.grad is not None for p in group["params"])
+            plan.append((group, mirror, mirrored, fused))
+        if rest:  # torch's own step, exactly, for the tensors with nothing to fuse
+            hidden = [(p, p.grad) for *_, fused in plan for p in fused]
+            for p, _ in hidden:
+                p.grad = None
+            try:
+                self.optimizer.step()
+            finally:
+                for p, g in hidden:
+                    p.grad = g
+        for group, mirror, mirrored, fused in plan:
+            hits = _fused_step.step_group(self.optimizer, group, fused, mirrored=mirrored, ham=mirror,
+                                          pre_sign=self.sign == "pre_step", degree=degree, count=count,
+                                          stages=stages)
+            stepped = [p for p in self._mirrored(group) if p in mirrored]
+            if stepped:
+                # After the masks, where the staged path caps before them: pruned entries are zero
+                # either way, so the norms agree.
+                self._count(stepped, [hits[p] for p in stepped] if count else [],
+                            _cap_grouped(stepped, max_norm))
 
     def _count(self, params: list[Tensor], hits: list[Tensor], caps: list[Tensor]) -> None:
         for p in params:

@@ -27,10 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from . import sharding
+from ._fused_step import Stages
 from .method import Method
 from .params import prunable_parameters, unwrap
 from .stepping import PipelineOptimizer, already_unscaled
 from .topk import nm_groups
+from .tracking import SignFlipTracker
 
 __all__ = ["MaskManager", "MaskInvariantError", "prunable_parameters", "unwrap"]
 
@@ -180,7 +182,11 @@ class MaskManager:
         if self.topology_only:
             return loss  # pre_step installed the new masks; the optimizer does not step
         masking = self.masks is not None and self.method.masking
-        if masking:
+        # Stages 2, 4 and 5 inside the optimizer's one-pass step where it offers one (sparseham.HAM
+        # over SGD, Adam or AdamW: sparseham._fused_step); the order of operations is the same.
+        tracked = self._hand_over(masking, reevaluate is None)
+        handed = tracked is not None
+        if masking and not handed:
             self.mask_grads_()
         self._inside, self._stepped = True, False
         try:
@@ -192,16 +198,52 @@ class MaskManager:
                 self.optimizer.step()
         finally:
             self._inside = False
+            if handed:
+                self.optimizer.take_stages(None)  # a skipped step leaves them behind
         if not self._stepped:  # the scaler found inf or NaN and skipped the step (a host-side flag)
             self.method.skip_step(self)
             return loss
         self.step_count += 1
-        if masking:
+        if masking and not handed:
             self.apply_masks_()
-        if self.tracker is not None:
+        if tracked:
+            self.tracker.update(self.params, None, compared=True)  # only counts the step
+        elif self.tracker is not None:
             self.tracker.update(self.params, self.method.tracking_masks(self))
         self.method.post_step(self)
         return loss
+
+    def _hand_over(self, masking: bool, plain: bool) -> bool | None:
+        """Offer the masks and the tracker update to the optimizer's one-pass step.
+
+        Returns:
+            ``None`` when it does not take them; else whether the tracker update went with them
+            (only when its masks do not depend on this step's weights, as STR's implicit ones do).
+        """
+        take = getattr(self.optimizer, "take_stages", None)
+        if take is None or not plain or self._observed():
+            return None
+        stages = Stages(masks=dict(zip(self.params, self.masks)) if masking else {})
+        tracker = self.tracker
+        if (tracker is not None and tracker.due() and not tracker.sharded
+                and self.method.tracking_masks_fixed(self)
+                and type(tracker).update is SignFlipTracker.update):  # a subclass's own update runs
+            split = self.method.tracking_masks(self)
+            for i, p in enumerate(self.params):
+                stages.track[p] = (tracker.codes[i], tracker.counts[i], None if split is None else split[i],
+                                   None if tracker.hists is None else tracker.hists[i])
+        if not take(stages):
+            return None
+        return bool(stages.track)
+
+    def _observed(self) -> bool:
+        """Whether a step pre-hook other than ours watches the optimizer: it expects to see the
+        masked gradients in ``.grad``, which only the staged pipeline writes there."""
+        from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+        ours = self._before_optimizer_step
+        return bool(_global_optimizer_pre_hooks) or any(
+            h != ours for h in self.optimizer._optimizer_step_pre_hooks.values())
 
     def _masked(self, closure: Callable[[], Tensor]) -> Callable[[], Tensor]:
         def masked() -> Tensor:

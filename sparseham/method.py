@@ -205,6 +205,11 @@ class Method:
         """The masks the sign-flip tracker splits by; ``None`` means the manager's masks."""
         return manager.masks
 
+    def tracking_masks_fixed(self, manager: MaskManager) -> bool:
+        """Whether :meth:`tracking_masks` is known before the optimizer step (it does not depend on
+        the weights the step produces), so the tracker can run inside a one-pass step."""
+        return True
+
     def effective_weights(self, manager: MaskManager) -> list[Tensor]:
         """The weights the forward pass uses; their zeros define the achieved sparsity."""
         return manager.params

@@ -57,23 +57,35 @@ def _update_layer(w: Tensor, code: Tensor, mask: Tensor | None, hist: Tensor | N
     return torch.stack([total - unmasked, unmasked])
 
 
-def _update_all(weights, codes, masks, hists, counts) -> None:
-    """Every layer's update as one graph for ``torch.compile`` (``fused=True``); same results.
+def _track(w: Tensor, code: Tensor, counts: Tensor, mask: Tensor | None, hist: Tensor | None) -> None:
+    """One layer's update for the compiled paths (``fused=True``, and the one-pass optimizer step
+    of ``sparseham._fused_step``); the same codes and counts as :func:`_update_layer`.
 
-    int32/float arithmetic and uint8 views of the masks, which inductor vectorizes (it emits
-    scalar loops for int8 and bool loads).
+    The callers pass uint8 views of the codes and the mask (made outside the graph): inductor
+    vectorizes uint8 loads and stores, not int8 or bool ones, and a view inside the graph costs a
+    scalar loop. Sums in int32, or int64 for a tensor of 2^31 entries or more.
     """
+    # Float arithmetic on the small integer codes (exact below 2^24): inductor's CPU code converts
+    # between int8/int32 vectors and float masks slowly; float32 compares, floors and selects are cheap.
+    c = code.to(torch.float32)
+    high = torch.floor(c * 0.25) * 4  # code & _KEEP_HIGH
+    flipped = (c - high - 1) * w < 0  # (stored sign) * w < 0; a NaN w never flips, as _sign's 0
+    now = torch.where(w > 0, 2.0, torch.where(w < 0, 0.0, 1.0))  # sign + 1, NaN -> 1
+    code.copy_((high + now + torch.where(flipped & (c < _EVER), float(_EVER), 0.0)).to(code.dtype))
+    flip = flipped.to(torch.int32)
+    wide = torch.int32 if w.numel() < 2**31 else torch.int64
+    total = flip.sum(dtype=wide)
+    unmasked = total if mask is None else (flip * mask.to(torch.int32)).sum(dtype=wide)
+    counts.add_(torch.stack([total - unmasked, unmasked]))
+    if hist is not None:
+        h = hist.to(torch.int32)
+        hist.copy_(torch.where(h < 254, h + 2 * flip, h).to(torch.uint8))
+
+
+def _update_all(weights, codes, masks, hists, counts) -> None:
+    """Every layer's :func:`_track` as one graph for ``torch.compile`` (``fused=True``)."""
     for i, (w, code, n) in enumerate(zip(weights, codes, counts)):
-        now = torch.sign(w)
-        c = code.to(torch.int32)
-        flip = torch.where(((c & _SIGN).to(w.dtype) - 1) * now < 0, 1, 0)
-        code.copy_(((c & _KEEP_HIGH) | (now + 1).to(torch.int32) | (flip * 16)).to(torch.int8))
-        total = flip.sum()
-        unmasked = total if masks is None else (flip * masks[i].to(torch.int32)).sum()
-        n.add_(torch.stack([total - unmasked, unmasked]))
-        if hists is not None:
-            h = hists[i].to(torch.int32)
-            hists[i].copy_(torch.where(h < 254, h + 2 * flip, h).to(torch.uint8))
+        _track(w, code, n, None if masks is None else masks[i], None if hists is None else hists[i])
 
 
 class SignFlipTracker:
@@ -117,11 +129,26 @@ class SignFlipTracker:
         self.counts = [torch.zeros(2, dtype=torch.int64, device=w.device) for w in weights]
         self.steps = 0
 
+    def due(self) -> bool:
+        """Whether the next :meth:`update` compares signs (every ``interval``-th)."""
+        return (self.steps + 1) % self.interval == 0
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the tracked weights are FSDP shards (each rank tracks its own)."""
+        return self._like is not None
+
     @torch.no_grad()
-    def update(self, weights: Sequence[Tensor], masks: Sequence[Tensor] | None) -> None:
-        """Called after every optimizer step; compares signs on every ``interval``-th call."""
+    def update(self, weights: Sequence[Tensor], masks: Sequence[Tensor] | None, *,
+               compared: bool = False) -> None:
+        """Called after every optimizer step; compares signs on every ``interval``-th call.
+
+        Args:
+            compared: the optimizer step already compared them (the one-pass step of
+                ``sparseham._fused_step`` updates ``codes`` and ``counts`` itself); only count the step.
+        """
         self.steps += 1
-        if self.steps % self.interval:
+        if compared or self.steps % self.interval:
             return
         weights = [sharding.local(w) for w in weights]
         masks = None if masks is None else [sharding.local(m) for m in masks]
@@ -129,7 +156,8 @@ class SignFlipTracker:
             if self._compiled is None:
                 self._compiled = torch.compile(_update_all, fullgraph=True)
             u8 = None if masks is None else [m.view(torch.uint8) for m in masks]
-            self._compiled(list(weights), self.codes, u8, self.hists, self.counts)
+            codes = [c.view(torch.uint8) for c in self.codes]
+            self._compiled(list(weights), codes, u8, self.hists, self.counts)
             return
         for i, w in enumerate(weights):
             mask = None if masks is None else masks[i]

@@ -327,7 +327,10 @@ def test_half_step_allocates_no_persistent_state():
         "_hits",
         "_caps",
         "_steps",
+        "_stages",  # the MaskManager's masks and tracker for one step: None between steps
+        "_warned_staged",
     }
+    assert opt._stages is None
     # The diagnostics keep two counters per tensor, never per weight.
     assert all(t.ndim == 0 for t in [*opt._hits.values(), *opt._caps.values()])
 

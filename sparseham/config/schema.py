@@ -171,7 +171,9 @@ class HamConfig(Section):
                 "does); null = off", gt=0)
     min_ndim: int = _f(2, "only parameters with at least this many dimensions get the mirror "
                           "step", ge=1)
-    fused: bool = _f(False, "use the single-pass fused kernel (torch.compile or Triton)")
+    fused: Literal["auto"] | bool = _f(
+        "auto", "auto: base step, mirror step, masks and sign-flip count in one compiled pass per tensor "
+                "where it applies (SGD, Adam, AdamW); false: every stage its own pass")
     diagnostics: int = _f(10, "count the entries at the clamp every N steps (at most logging.log_every); "
                               "0 = never", ge=0)
     sam_gradient: Literal["perturbed", "original"] = _f(

@@ -87,7 +87,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         clamp=h.clamp,
         max_norm=h.max_norm,
         min_ndim=h.min_ndim,
-        fused=h.fused or None,
+        fused=None if h.fused == "auto" else h.fused,
         # at least one counted step in every log interval
         diagnostics=min(h.diagnostics, cfg.logging.log_every),
         sam_gradient=h.sam_gradient,
