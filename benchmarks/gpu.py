@@ -13,7 +13,11 @@ On CUDA, with ResNet-18 sizes, each section timed with a synchronize after every
    >= 10x, <= 2 bytes per managed weight.
 4. ``pipeline``: resnet18_cifar, batch 256, bf16 autocast: plain loop vs the sparseham variants
    (benchmarks/pipeline.py); targets plain/trainer >= 0.9, HAM + tracking <= 3% of the step.
-5. ``syncs``: after warm-up, ``MaskManager.step()`` under ``torch.cuda.set_sync_debug_mode("error")``
+5. ``pipeline_step``: ``MaskManager.step()`` (RigL masks, HAM, tracker at interval 1) staged and
+   as the one-pass step (one compiled Triton graph per group), and HAM alone, against the foreach
+   SGD and AdamW steps, on ResNet-18's weights (benchmarks/pipeline_step.py); targets one-pass
+   pipeline <= 1.5x, HAM alone <= 1.25x the base step.
+6. ``syncs``: after warm-up, ``MaskManager.step()`` under ``torch.cuda.set_sync_debug_mode("error")``
    for 20 steps that include RigL update steps (target: zero host syncs), and the number of syncs
    per ``Trainer.train_step`` counted with ``set_sync_debug_mode("warn")``.
 
@@ -40,11 +44,12 @@ import torch.nn.functional as F
 from sparseham import HAM, MaskManager, SignFlipTracker, methods
 
 if __package__:
-    from . import ham_step, pipeline, rigl_update, tracker
+    from . import ham_step, pipeline, pipeline_step, rigl_update, tracker
     from ._common import interleaved, machine, model_shapes, summarize
 else:  # run as a script: benchmarks/ is on sys.path
     import ham_step
     import pipeline
+    import pipeline_step
     import rigl_update
     import tracker
     from _common import interleaved, machine, model_shapes, summarize
@@ -149,6 +154,10 @@ def _get(tree: dict, *keys):
     return tree
 
 
+def _step_ratio(r: dict, variant: str) -> float | None:
+    return _get(r, "pipeline_step", "ratio_over_base", variant, "median")
+
+
 def _verdicts(r: dict) -> dict:
     """Each target against its measured value (None where the section did not measure it)."""
     syncs = r.get("syncs", {})
@@ -165,6 +174,9 @@ def _verdicts(r: dict) -> dict:
                           pipeline.TARGET, False),
         "HAM+tracking % of step": (_get(r, "pipeline", "ham_tracking_overhead_pct", "median"),
                                    OVERHEAD_TARGET_PCT, True),
+        "one-pass pipeline/sgd": (_step_ratio(r, "sgd_pipeline_one_pass"), pipeline_step.TARGET, True),
+        "one-pass pipeline/adamw": (_step_ratio(r, "adamw_pipeline_one_pass"), pipeline_step.TARGET, True),
+        "one-pass HAM/sgd": (_step_ratio(r, "sgd_ham_one_pass"), pipeline_step.TARGET_HAM, True),
         "mm.step() host syncs": (found, 0, True),
     }
     return {k: {"measured": v, "target": ("<= " if upper else ">= ") + str(t),
@@ -197,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  2 if quick else 10, device=device),
         "pipeline": lambda: pipeline.bench("lenet5" if quick else "resnet18_cifar", 16 if quick else 256,
                                            reps, device=device, amp=amp, warmup=1 if quick else 5),
+        "pipeline_step": lambda: pipeline_step.bench("quick" if quick else "resnet18", reps, device=device),
         "syncs": lambda: check_syncs("lenet5" if quick else "resnet18_cifar", 16 if quick else 256,
                                      device, amp),
     }

@@ -14,15 +14,18 @@ makes it). One timed call is one training step; the variants run interleaved:
 - ``ham``: the same with the SGD wrapped in ``HAM(alpha=50, beta=1e-3)`` (configs/default.yaml);
 - ``tracker``: the plain loop plus ``SignFlipTracker(interval=1).update`` after the step;
 - ``masks``: ``MaskManager(RigL 90% ERK, update every 100 steps).step()`` over plain SGD;
-- ``pipeline``: ``MaskManager(RigL) + HAM(SGD) + SignFlipTracker``, ``mm.step()`` in a plain loop;
+- ``pipeline``: ``MaskManager(RigL) + HAM(SGD) + SignFlipTracker``, ``mm.step()`` in a plain loop,
+  HAM at its default ``fused=None``: the one-pass step (``ham`` uses it too);
+- ``pipeline_staged``: the same with ``HAM(fused=False)``: every stage its own pass;
 - ``trainer``: the same objects driven through ``sparseham.train.trainer.Trainer.train_step``
       itself, on
   a stand-in that holds what the step reads (no run directory, no file I/O): BatchNorm buffer
-  snapshot, the per-step finite-loss-and-gradient guard, the logger's accumulators, the LR schedule.
+  snapshot, the per-step finite-loss-and-gradient guard, the logger's accumulators, the LR schedule;
+  ``trainer_staged``: the same with ``HAM(fused=False)``.
 
 Throughput is batch / median step. RigL updates only every 100 steps and a median ignores the odd
 update step, so one update's cost (timed on the pipeline's own manager afterwards) is added as
-``update / 100`` to every trainer step in the amortized ratio plain/trainer. Target: >= 0.9.
+``update / 100`` to every trainer step in the amortized ratio plain/trainer. Target: >= 0.97.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ else:  # run as a script: benchmarks/ is on sys.path
 
 __all__ = ["INPUTS", "TARGET", "bench", "main"]
 
-TARGET = 0.9  # plain / trainer throughput ratio
+TARGET = 0.97  # plain / trainer throughput ratio (issue 16; it was 0.9)
 INPUTS = {"lenet5": (1, 28), "resnet20": (3, 32), "resnet18_cifar": (3, 32), "llama_tiny": (0, 128)}
 # configs/lm_rigl_ham.yaml's model; its INPUTS entry is (no channels, sequence length).
 LLAMA_TINY = {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -91,9 +94,9 @@ def _managed(model: torch.nn.Module) -> list[str] | None:
     return getattr(model, "default_managed", None)
 
 
-def _sgd(model: torch.nn.Module, ham: bool) -> torch.optim.Optimizer:
+def _sgd(model: torch.nn.Module, ham: bool, fused: bool | None = None) -> torch.optim.Optimizer:
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    return HAM(opt, ALPHA, BETA) if ham else opt
+    return HAM(opt, ALPHA, BETA, fused=fused) if ham else opt
 
 
 def _manager(model, opt, tracker: bool) -> MaskManager:
@@ -171,15 +174,22 @@ def _variants(name, batches, device, amp, seed) -> tuple[dict, dict]:
     keep["pipeline"] = _manager(m, _sgd(m, True), True)
     fns["pipeline"] = _loop(m, _mm_step(keep["pipeline"]), batches, amp)
     m = _model(name, device, seed)
-    keep["trainer"] = t = _trainer(m, _manager(m, _sgd(m, True), True), device, amp)
+    fns["pipeline_staged"] = _loop(m, _mm_step(_manager(m, _sgd(m, True, fused=False), True)), batches, amp)
+    for key, fused in (("trainer", None), ("trainer_staged", False)):
+        m = _model(name, device, seed)
+        keep[key] = _trainer(m, _manager(m, _sgd(m, True, fused=fused), True), device, amp)
+        fns[key] = _trainer_step(keep[key], batches)
+    return fns, keep
+
+
+def _trainer_step(t: Trainer, batches) -> Callable[[], None]:
     it = {"i": 0}
 
-    def trainer_step() -> None:
+    def step() -> None:
         t.train_step([batches[it["i"] % len(batches)]])
         it["i"] += 1
 
-    fns["trainer"] = trainer_step
-    return fns, keep
+    return step
 
 
 def _update_seconds(mm: MaskManager, batch, repeats: int, device: torch.device) -> float:
@@ -221,6 +231,7 @@ def bench(name: str, batch: int, repeats: int, *, device: torch.device, amp: tor
     samples = interleaved(synced(fns, device), repeats=repeats, warmup=warmup)
     update_s = _update_seconds(keep["pipeline"], batches[0], max(1, min(repeats, 3)), device)
     amortized = [t + update_s / UPDATE_EVERY for t in samples["trainer"]]
+    amortized_staged = [t + update_s / UPDATE_EVERY for t in samples["trainer_staged"]]
     stats = {k: summarize(v) for k, v in samples.items()}
     # HAM + tracking as a share of the step: 1 - masks/pipeline per round (quartiles swap sides).
     share = paired_ratio(samples["masks"], samples["pipeline"])
@@ -235,6 +246,7 @@ def bench(name: str, batch: int, repeats: int, *, device: torch.device, amp: tor
                                 for k, v in samples.items() if k != "plain"},
            "rigl_update_s": update_s,
            "ratio_plain_over_trainer_amortized": paired_ratio(samples["plain"], amortized),
+           "ratio_plain_over_trainer_staged_amortized": paired_ratio(samples["plain"], amortized_staged),
            "ham_tracking_overhead_pct": overhead,
            "rigl_updates_in_window": len(keep["trainer"].mm.mask_events) - 1,
            "skipped_steps": keep["trainer"].skipped, "target": TARGET}
@@ -253,16 +265,18 @@ def _print(out: dict) -> None:
     for k, s in out["seconds_per_step"].items():
         r = out["ratio_plain_over"].get(k)
         rel = "" if r is None else f"   plain/{k} {r['median']:.3f} [IQR {r['q1']:.3f}-{r['q3']:.3f}]"
-        print(f"  {k:<9} {s['median'] * 1e3:8.2f} ms [IQR {s['q1'] * 1e3:.2f}-{s['q3'] * 1e3:.2f}] "
+        print(f"  {k:<15} {s['median'] * 1e3:8.2f} ms [IQR {s['q1'] * 1e3:.2f}-{s['q3'] * 1e3:.2f}] "
               f"{out['samples_per_s'][k]:8.0f} samples/s{_tokens(out, k)}{rel}")
     o, a = out["ham_tracking_overhead_pct"], out["ratio_plain_over_trainer_amortized"]
     print(f"  HAM + tracking: {o['median']:.1f}% [IQR {o['q1']:.1f}-{o['q3']:.1f}] of the pipeline step "
           "(1 - masks/pipeline)")
     print(f"  one RigL update {out['rigl_update_s'] * 1e3:.1f} ms, amortized over {UPDATE_EVERY} steps; "
           f"{out['rigl_updates_in_window']} fell in the window; skipped steps {out['skipped_steps']}")
-    verdict = "MET" if a["median"] >= TARGET else "NOT MET"
+    verdict = "MET" if a["median"] >= TARGET else f"NOT MET by {TARGET - a['median']:.3f}"
     print(f"  plain/trainer (amortized) {a['median']:.3f} [IQR {a['q1']:.3f}-{a['q3']:.3f}], "
           f"target >= {TARGET}: {verdict}")
+    s = out["ratio_plain_over_trainer_staged_amortized"]
+    print(f"  plain/trainer_staged (amortized) {s['median']:.3f} [IQR {s['q1']:.3f}-{s['q3']:.3f}]")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,10 +16,14 @@ random weights and gradients (the gradient is put back before every call, no bac
   ``..._no_cap``: with ``max_norm=None``, to show the cap's own pass;
 - ``<opt>_ham_staged`` / ``<opt>_ham_one_pass[_no_cap]``: ``HAM.step()`` alone (base step plus
   mirror step), no masks and no tracker;
+- ``kernel_sgd``, ``kernel_+mirror``, ``kernel_+masks``, ``kernel_+tracker`` (CPU): the one-pass
+  kernel alone, per tensor, its stages added one at a time: where its time goes;
+  ``kernel_calls_only``: the last one over 64-entry tensors, as many calls: the host cost of a call;
 - ``roofline``: one ``torch._foreach_add_(params, grads)``: read two tensors, write one;
 - ``grad_reset``: putting the gradients back alone, which every other variant also pays (a copy).
 
-Issue 16's targets: <= 1.5x the base step for the one-pass pipeline, <= 1.25x for HAM alone. Ratios are per round (the rounds are interleaved)
+Issue 16's targets: <= 1.5x the base step for the one-pass pipeline, <= 1.25x for HAM alone.
+Ratios are per round (the rounds are interleaved)
 as median [IQR].
 """
 
@@ -30,14 +34,14 @@ import time
 import torch
 from torch import nn
 
-from sparseham import HAM, MaskManager, SignFlipTracker, methods
+from sparseham import HAM, MaskManager, SignFlipTracker, _fused_step, methods
 
 if __package__:
     from ._common import interleaved, shapes_cli, summarize, weight_shapes, write_report
-    from .tracker import paired_ratio
+    from .tracker import paired_ratio, synced
 else:  # run as a script: benchmarks/ is on sys.path
     from _common import interleaved, shapes_cli, summarize, weight_shapes, write_report
-    from tracker import paired_ratio
+    from tracker import paired_ratio, synced
 
 __all__ = ["TARGET", "bench", "main"]
 
@@ -54,10 +58,10 @@ class _Weights(nn.Module):
         self.ws = nn.ParameterList(nn.Parameter(w.clone()) for w in weights)
 
 
-def _tensors(shapes, seed: int):
+def _tensors(shapes, seed: int, device: torch.device):
     g = torch.Generator().manual_seed(seed)
-    return ([0.05 * torch.randn(s, generator=g) for s in shapes],
-            [1e-2 * torch.randn(s, generator=g) for s in shapes])
+    return ([(0.05 * torch.randn(s, generator=g)).to(device) for s in shapes],
+            [(1e-2 * torch.randn(s, generator=g)).to(device) for s in shapes])
 
 
 def _base(params, name: str) -> torch.optim.Optimizer:
@@ -103,13 +107,51 @@ def _variant(weights, grads, opt_name: str, variant: str | None):
     return step
 
 
+# The one-pass kernel's stages, added one at a time (SGD with momentum, ResNet weights): where its
+# time goes. Each row calls sparseham._fused_step's per-tensor kernel directly, as HAM does on CPU.
+STAGES = {
+    "kernel_sgd": {},
+    "kernel_+mirror": {"mirror": True, "degree": 3},
+    "kernel_+masks": {"mirror": True, "degree": 3, "masked": True},
+    "kernel_+tracker": {"mirror": True, "degree": 3, "masked": True, "tracked": True, "split": True},
+}
+
+
+def _stage(weights, grads, flags: dict, numel: int | None = None):
+    """One row of STAGES: the kernel over every tensor (``numel``: tiny tensors, the same count,
+    so the row is the host cost of the calls alone), the gradients put back as every row does."""
+    if numel is not None:
+        weights, grads = [w.reshape(-1)[:numel] for w in weights], [g.reshape(-1)[:numel] for g in grads]
+    params = [nn.Parameter(w.clone()) for w in weights]
+    put = _with_grads(params, grads)
+    put()
+    bufs = [torch.zeros_like(p) for p in params]
+    masks = [torch.rand(p.shape, device=p.device) < 0.1 for p in params]
+    codes = [torch.full(p.shape, 5, dtype=torch.int8, device=p.device) for p in params]
+    counts = [torch.zeros(2, dtype=torch.int64, device=p.device) for p in params]
+    kernel = _fused_step._kernel((_fused_step._Spec("sgd", momentum=True, **flags),), False)
+    hyper = _fused_step._scalars((LR, MOMENTUM, 0.0, 0.0), params[0].device)
+    ham = _fused_step._scalars((LR, ALPHA, BETA, 0.02), params[0].device)
+    flat = _fused_step._flat
+
+    @torch.no_grad()
+    def step() -> None:
+        put()
+        for p, b, m, c, n in zip(params, bufs, masks, codes, counts):
+            kernel(flat(p), flat(p.grad), [flat(b)], flat(m), (flat(c), n, flat(m), None), None, None, hyper,
+                   ham)
+    return step
+
+
 VARIANTS = ("pipeline_staged", "pipeline_one_pass", "pipeline_one_pass_no_cap", "ham_staged", "ham_one_pass",
             "ham_one_pass_no_cap")
 
 
-def bench(name: str, repeats: int, seed: int = 0) -> dict:
+def bench(name: str, repeats: int, seed: int = 0, device: torch.device | None = None) -> dict:
+    """Every variant on ``name``'s weight shapes (``"quick"``: two small tensors), on ``device``."""
+    device = device or torch.device("cpu")
     shapes = weight_shapes(name)
-    weights, grads = _tensors(shapes, seed)
+    weights, grads = _tensors(shapes, seed, device)
     fns, compile_s = {}, {}
     for opt_name in ("sgd", "adamw"):
         fns[opt_name] = _variant(weights, grads, opt_name, None)
@@ -117,15 +159,22 @@ def bench(name: str, repeats: int, seed: int = 0) -> dict:
             key = f"{opt_name}_{variant}"
             fns[key] = _variant(weights, grads, opt_name, variant)
             t0 = time.perf_counter()
-            fns[key]()  # the first call compiles the one-pass kernels
+            synced({key: fns[key]}, device)[key]()  # the first call compiles the one-pass kernels
             compile_s[key] = time.perf_counter() - t0
+    if device.type not in _fused_step.GROUPED:  # where the one-pass step calls a kernel per tensor
+        for key, flags in STAGES.items():
+            fns[key] = _stage(weights, grads, flags)
+        fns["kernel_calls_only"] = _stage(weights, grads, STAGES["kernel_+tracker"], numel=64)
+        for key in (*STAGES, "kernel_calls_only"):
+            fns[key]()  # compile
     params, gs = [w.clone() for w in weights], [g.clone() for g in grads]
     fns["roofline"] = lambda: torch._foreach_add_(params, gs, alpha=1e-12)
     fns["grad_reset"] = _with_grads([nn.Parameter(w.clone()) for w in weights], grads)
-    samples = interleaved(fns, repeats=repeats, warmup=2)
+    samples = interleaved(synced(fns, device), repeats=repeats, warmup=2)
     ratios = {k: paired_ratio(v, samples["adamw" if k.startswith("adamw") else "sgd"])
               for k, v in samples.items() if k not in ("sgd", "adamw")}
-    out = {"model": name, "tensors": len(shapes), "numel": sum(w.numel() for w in weights),
+    out = {"model": name, "device": str(device), "tensors": len(shapes),
+           "numel": sum(w.numel() for w in weights),
            "seconds": {k: vars(summarize(v)) for k, v in samples.items()}, "ratio_over_base": ratios,
            "first_call_s": compile_s, "target": TARGET, "target_ham": TARGET_HAM}
     _print(out)
@@ -133,7 +182,8 @@ def bench(name: str, repeats: int, seed: int = 0) -> dict:
 
 
 def _print(out: dict) -> None:
-    print(f"\n{out['model']}: {out['tensors']} tensors, {out['numel'] / 1e6:.2f}M floats")
+    print(f"\n{out['model']} on {out['device']}: {out['tensors']} tensors, "
+          f"{out['numel'] / 1e6:.2f}M floats")
     for k, s in out["seconds"].items():
         r = out["ratio_over_base"].get(k)
         rel = "" if r is None else f"  {r['median']:.2f}x [IQR {r['q1']:.2f}-{r['q3']:.2f}] the base step"

@@ -23,12 +23,16 @@ exponential is the polynomial of ``_ham_kernels.exp_poly_degree`` where the clam
 One difference is visible: ``p.grad`` keeps the unmasked gradient (writing the masked one back
 would be a fifth stream of 4 bytes per weight, and nothing after the step reads it).
 
-Compiled once per *kind* of step (a :class:`_Spec`: optimizer, flags, polynomial degree) with
-``dynamic=True``: tensor sizes and every hyperparameter are symbolic, so new shapes, a learning
-rate schedule, Adam's bias corrections and a different ``alpha`` do not recompile. One compiled
-function per tensor, not one graph over all tensors: inductor then emits a single loop per tensor
-that stores and reduces together (over a list it emitted reduction loops that recompute the chain,
-``benchmarks/one_pass_probe.py``), and compiles in seconds, not minutes.
+Compiled once per *kind* of step (a :class:`_Spec`: optimizer, flags, polynomial degree). On CPU
+one compiled function per tensor with ``dynamic=True``: tensor sizes and every hyperparameter are
+symbolic, so new shapes, a learning rate schedule, Adam's bias corrections and a different
+``alpha`` do not recompile, and inductor emits a single loop per tensor that stores and reduces
+together (a graph over a whole model's list of tensors took minutes to compile and emitted
+reduction loops that recompute the chain, ``benchmarks/one_pass_probe.py``). Each call costs about
+100 us of host time here (dynamo's guards and wrappers). On CUDA (:data:`GROUPED`) a group's
+tensors step in one compiled graph over their layout instead, one host call per group, the floats
+symbolic from their second value. A kernel that fails to compile runs its same Python function
+eagerly, after one warning.
 
 :func:`unsupported` says when the one-pass step does not apply (then the staged path runs).
 """
@@ -46,7 +50,7 @@ from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from . import sharding
-from ._ham_kernels import _mirror_factor
+from ._ham_kernels import _mirror_factor, import_cpp_extension_quietly
 from .tracking import _track
 
 __all__ = ["Stages", "unsupported"]
@@ -79,6 +83,7 @@ class _Spec:
     pre_sign: bool = False  # HYP: the sign of x_k, not of the half step
     degree: int | None = None  # the polynomial exp's degree (None: torch.exp)
     count: bool = False  # count the entries whose exponent reached the clamp
+    norm: bool = False  # the norm cap's norm and overflow bound of the result
     masked: bool = False
     tracked: bool = False
     split: bool = False  # the tracker splits flips by a mask
@@ -107,8 +112,9 @@ def _base_adam(p: Tensor, d: Tensor, m: Tensor, v: Tensor, hyper, spec: _Spec):
     return p - step_size * m / (torch.sqrt(v) / bc2_sqrt + eps), (m, v)
 
 
-def _one_pass(spec: _Spec, p, g, state, mask, track, hits, hyper, ham) -> None:
-    """Every stage on one tensor; writes ``p``, ``state``, the tracker's code, counts and ``hits``."""
+def _one_pass(spec: _Spec, p, g, state, mask, track, hits, norms, hyper, ham) -> None:
+    """Every stage on one tensor; writes ``p``, ``state``, the tracker's code and counts, ``hits``
+    and ``norms`` (the result's L2 norm and ``max|x| * sqrt(numel)``, for the norm cap)."""
     m = mask.to(p.dtype) if spec.masked else None  # a uint8 view of the bool mask
     if m is not None:
         g = g * m
@@ -126,6 +132,8 @@ def _one_pass(spec: _Spec, p, g, state, mask, track, hits, hyper, ham) -> None:
         x = x * m
         new_state = tuple(None if s is None else s * m for s in new_state)
     p.copy_(x)
+    if spec.norm:  # reductions in the same loop: the cap needs no pass of its own to measure
+        norms.copy_(torch.stack([torch.sqrt((x * x).sum()), x.abs().amax() * x.numel() ** 0.5]))
     for old, new in zip(state, new_state):
         if old is not None:
             old.copy_(new)
@@ -155,6 +163,7 @@ def _kernel(specs: tuple[_Spec, ...], grouped: bool) -> Callable:
 
     # Dynamo keeps its graphs and its recompile limit per code object: one per kernel.
     one_pass.__code__ = one_pass.__code__.replace(co_name=f"one_pass_{abs(hash((specs, grouped))):x}")
+    import_cpp_extension_quietly()
     compiled = torch.compile(one_pass, fullgraph=True, dynamic=None if grouped else True)
     return _EagerOnFailure(compiled, one_pass)
 
@@ -280,8 +289,8 @@ def _scalars(values: tuple, device: torch.device) -> Tensor | tuple[float, ...]:
 
 
 def step_group(base: Optimizer, group: dict, params: list[Tensor], *, mirrored: set[Tensor],
-               ham: tuple | None, pre_sign: bool, degree: int | None, count: bool,
-               stages: Stages | None) -> dict[Tensor, Tensor]:
+               ham: tuple | None, pre_sign: bool, degree: int | None, count: bool, cap: bool,
+               stages: Stages | None) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:
     """The one-pass step of ``params`` (with gradients) of one param group of ``base``, in place.
 
     Args:
@@ -289,17 +298,20 @@ def step_group(base: Optimizer, group: dict, params: list[Tensor], *, mirrored: 
             ``(lr, alpha, beta, clamp)`` for this group or ``None`` (base step only).
         pre_sign, degree: HAM's ``sign="pre_step"``, and the polynomial exp's degree for its clamp.
         count: count the entries whose exponent reaches the clamp.
+        cap: measure the mirrored tensors for the norm cap.
         stages: masks and tracker state for the managed tensors, from the MaskManager.
 
     Returns:
-        For each mirrored tensor that stepped, with ``count``, its clamp count (a device tensor).
+        For each mirrored tensor that stepped: with ``count``, its clamp count; with ``cap``, its
+        norm and overflow bound (2 entries); device tensors.
     """
     kind = _DENSE_KINDS[type(base)]
     decoupled = isinstance(base, AdamW) or bool(group.get("decoupled_weight_decay"))
     masks = stages.masks if stages is not None else {}
     track = stages.track if stages is not None else {}
     hits: dict[Tensor, Tensor] = {}
-    calls: dict[tuple, list] = {}  # per device, or per tensor: the specs and per-tensor arguments
+    norms: dict[Tensor, Tensor] = {}
+    grouped: dict[torch.device, list] = {}  # GROUPED devices: (spec, arguments) per tensor, one call each
     scalars_on: dict[tuple, Tensor | tuple] = {}  # hyperparameters, once per (values, device)
     for p in params:
         state, scalars = _state(base, p, group)
@@ -315,28 +327,28 @@ def step_group(base: Optimizer, group: dict, params: list[Tensor], *, mirrored: 
             pre_sign=mirror and pre_sign,
             degree=degree if mirror and p.dtype == torch.float32 else None,
             count=mirror and count,
+            norm=mirror and cap and p.numel() > 0,
             masked=mask is not None,
             tracked=tracked is not None,
             split=tracked is not None and tracked[2] is not None,
             hist=tracked is not None and tracked[3] is not None,
         )
-        n = torch.zeros((), dtype=torch.int64, device=p.device) if spec.count else None
-        if n is not None:
-            hits[p] = n
+        n = hits[p] = torch.zeros((), dtype=torch.int64, device=p.device) if spec.count else None
+        nm = norms[p] = torch.empty(2, dtype=p.dtype, device=p.device) if spec.norm else None
         if tracked is not None:
             code, counts, split, hist = tracked
             tracked = (_flat(code), counts, _flat(split), _flat(hist))
         for values in (scalars, ham or ()):
             if (values, p.device) not in scalars_on:
                 scalars_on[values, p.device] = _scalars(values, p.device)
-        args = (_flat(p), _flat(p.grad), [_flat(t) for t in state], _flat(mask), tracked, n,
+        args = (_flat(p), _flat(p.grad), [_flat(t) for t in state], _flat(mask), tracked, n, nm,
                 scalars_on[scalars, p.device], scalars_on[ham or (), p.device])
-        key = (p.device,) if p.device.type in GROUPED else (id(p),)
-        calls.setdefault(key, []).append((spec, args))
-    for key, todo in calls.items():
-        specs = tuple(spec for spec, _ in todo)
-        if len(key) == 1 and isinstance(key[0], torch.device):
-            _kernel(specs, True)(*(list(a) for a in zip(*(args for _, args in todo))))
+        if p.device.type in GROUPED:
+            grouped.setdefault(p.device, []).append((spec, args))
         else:
-            _kernel(specs, False)(*todo[0][1])
-    return hits
+            _kernel((spec,), False)(*args)
+    for todo in grouped.values():
+        specs, per_tensor = zip(*todo)
+        _kernel(specs, True)(*(list(a) for a in zip(*per_tensor)))
+    return ({p: n for p, n in hits.items() if n is not None},
+            {p: nm for p, nm in norms.items() if nm is not None})

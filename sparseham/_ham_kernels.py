@@ -18,6 +18,7 @@ degree 3 took 3.4x one ``_foreach_exp_`` over 12M float32 entries.
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 from collections.abc import Callable
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["ULP", "cap_norms_", "exp_poly_degree", "exp_poly_error_bound"]
+__all__ = ["ULP", "cap_norms_", "exp_poly_degree", "exp_poly_error_bound", "rescale_"]
 
 Counts = tuple[list[Tensor], list[Tensor]]  # (clamped entries, capped flag) per tensor
 
@@ -119,6 +120,19 @@ def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp:
     return hits
 
 
+def import_cpp_extension_quietly() -> None:
+    """Inductor's CPU code generation imports ``torch.utils.cpp_extension``, which warns on a CUDA
+    build of torch without a CUDA runtime ("No CUDA runtime is found"): on every CPU-only machine,
+    a stray line on stderr at the first step. Import it with that warning silenced."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        log.setLevel(level)
+
+
 _compiled: dict[int | None, Callable] = {}
 
 
@@ -132,6 +146,7 @@ def _compiled_pass(degree: int | None) -> Callable:
         # Dynamo keeps its graphs, and its recompile limit (fatal under fullgraph), per code object:
         # one per degree, so a second clamp in the process costs no entries of the first's.
         ham_pass.__code__ = ham_pass.__code__.replace(co_name=f"ham_pass_degree_{degree}")
+        import_cpp_extension_quietly()
         _compiled[degree] = torch.compile(ham_pass, fullgraph=True, dynamic=None)
     return _compiled[degree]
 
@@ -204,6 +219,12 @@ def cap_norms_(tensors: list[Tensor], max_norm: float) -> list[Tensor]:
     # bounds the norm and still caps then (a float64 norm would do too, at ~7x the cost on CPU).
     peaks = torch.stack([torch.maximum(-lo, hi) * math.sqrt(t.numel()) for t in tensors for lo, hi in
                          [torch.aminmax(t)]])
+    return rescale_(tensors, norms, peaks, max_norm)
+
+
+def rescale_(tensors: list[Tensor], norms: Tensor, peaks: Tensor, max_norm: float) -> list[Tensor]:
+    """:func:`cap_norms_` from known norms and their overflow bounds ``max|t| * sqrt(numel)`` (one
+    entry per tensor), as the one-pass step computes them in its own pass."""
     bound = torch.where(torch.isfinite(norms), norms, peaks)
     # A NaN or inf entry makes the bound non-finite: leave that tensor alone rather than spread it.
     scale = torch.where(torch.isfinite(bound), torch.clamp(max_norm / bound, max=1.0), 1.0)

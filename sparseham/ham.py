@@ -26,7 +26,6 @@ authors' code.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -37,12 +36,12 @@ from torch.optim import Optimizer
 
 from . import _fused_step, sharding
 from ._ham_kernels import (
-    _cap_grouped,
     _fused_ham,
     _multi_tensor_ham,
     _single_tensor_ham,
     cap_norms_,
     exp_poly_degree,
+    rescale_,
 )
 
 __all__ = ["HAM", "ham"]
@@ -74,14 +73,10 @@ class HAM(Optimizer):
             rescaled to it, on the device. This is the authors' guard against overflow: with
             ``alpha * lr`` large, factors of up to :math:`e^{clamp}` per step overflow float32 within a
             few dozen steps. ``None`` disables it. The cap is a pass of its own (about 0.8x an SGD
-            step: two reads for the norm and its overflow bound, one read-modify-write), so it runs
-            on the first step and then every ``cap_every`` steps.
-        cap_every: steps between two caps; default :math:`\max(1, \lfloor \ln 2 / clamp \rfloor)`:
-            the mirror step alone can at most double a tensor between two caps (34 steps at the
-            default clamp, every step from clamp 0.7 on, so the authors' clamp 5 caps every step).
-            Why not a cap taken from the norms of the one-pass step's own pass and applied in the
-            next one (issue 16): the lag would make the one-pass and the staged results differ, and
-            amortizing makes the cap's cost about 0.02x an SGD step on either path.
+            step here: two reads to measure and one read-modify-write). The one-pass step measures
+            in its own pass, which leaves the multiply. Not applied one step late from those norms
+            (issue 16's other option): a tensor would exceed ``max_norm`` for a step, and the
+            one-pass and staged results would differ.
         min_ndim: only tensors with ``ndim >= min_ndim`` get the mirror step (biases and norm layers
             are left alone).
         foreach: the staged mirror step's multi-tensor ``torch._foreach_*`` path (the default when
@@ -118,7 +113,6 @@ class HAM(Optimizer):
         sign: str = "half_step",
         clamp: float = 0.02,
         max_norm: float | None = 1000.0,
-        cap_every: int | None = None,
         min_ndim: int = 2,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -142,11 +136,7 @@ class HAM(Optimizer):
         self.optimizer = optimizer
         clash = {"alpha", "beta"} & set(optimizer.defaults)
         self._keys = ("ham_alpha", "ham_beta") if clash else ("alpha", "beta")
-        if cap_every is not None and (isinstance(cap_every, bool) or not isinstance(cap_every, int)
-                                      or cap_every < 1):
-            raise ValueError(f"Invalid cap_every value: {cap_every!r}; an int >= 1 or None")
         self.sign, self.clamp, self.max_norm, self.min_ndim = sign, float(clamp), max_norm, min_ndim
-        self.cap_every = cap_every or max(1, math.floor(math.log(2) / self.clamp))
         self.foreach, self.fused, self.diagnostics_every = foreach, fused, diagnostics
         self.sam_gradient = sam_gradient
         if sam_gradient == "original" and hasattr(optimizer, "keep_first_grads"):
@@ -221,12 +211,10 @@ class HAM(Optimizer):
         self._stages = stages
         return stages is not None
 
-    def _tick(self) -> tuple[bool, float | None]:
-        """Count this step: whether it counts the clamped entries (every ``diagnostics``-th), and
-        the ``max_norm`` it caps at (``None`` between caps: the first step, then every ``cap_every``)."""
+    def _counting(self) -> bool:
+        """Whether this step counts the clamped entries (every ``diagnostics``-th)."""
         every, self._calls = self.diagnostics_every, self._calls + 1
-        capping = self.max_norm is not None and (self._calls - 1) % self.cap_every == 0
-        return every > 0 and self._calls % every == 0, self.max_norm if capping else None
+        return every > 0 and self._calls % every == 0
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -248,7 +236,7 @@ class HAM(Optimizer):
         else:
             loss = self.optimizer.step(closure)
         key_a, key_b = self._keys
-        count, max_norm = self._tick()
+        count, max_norm = self._counting(), self.max_norm
         for i, group in enumerate(self.param_groups):
             alpha, beta = group[key_a], group[key_b]
             if alpha == 0 and beta == 0:
@@ -290,7 +278,7 @@ class HAM(Optimizer):
         """The one-pass step (``sparseham._fused_step``) for every tensor with a stage to fuse, then
         the norm cap; the base optimizer's own step for the rest (1-D tensors, unmanaged ones)."""
         key_a, key_b = self._keys
-        (count, max_norm), degree = self._tick(), exp_poly_degree(self.clamp)
+        count, max_norm, degree = self._counting(), self.max_norm, exp_poly_degree(self.clamp)
         managed = set() if stages is None else {*stages.masks, *stages.track}
         plan, rest = [], False
         for group in self.param_groups:
@@ -310,15 +298,24 @@ class HAM(Optimizer):
                 for p, g in hidden:
                     p.grad = g
         for group, mirror, mirrored, fused in plan:
-            hits = _fused_step.step_group(self.optimizer, group, fused, mirrored=mirrored, ham=mirror,
-                                          pre_sign=self.sign == "pre_step", degree=degree, count=count,
-                                          stages=stages)
+            hits, norms = _fused_step.step_group(
+                self.optimizer, group, fused, mirrored=mirrored, ham=mirror,
+                pre_sign=self.sign == "pre_step", degree=degree, count=count, cap=max_norm is not None,
+                stages=stages)
             stepped = [p for p in self._mirrored(group) if p in mirrored]
             if stepped:
-                # After the masks, where the staged path caps before them: pruned entries are zero
-                # either way, so the norms agree.
-                self._count(stepped, [hits[p] for p in stepped] if count else [],
-                            _cap_grouped(stepped, max_norm))
+                caps = self._cap(stepped, norms, max_norm)
+                self._count(stepped, [hits[p] for p in stepped] if count else [], caps)
+
+    @staticmethod
+    def _cap(params: list[Tensor], norms: dict[Tensor, Tensor], max_norm: float | None) -> list[Tensor]:
+        """The norm cap after the one-pass step, from the norms its pass measured: one multiply pass
+        (the eager cap also reads every tensor twice to measure). After the masks, where the staged
+        path caps before them: pruned entries are zero either way, so the norms agree."""
+        if max_norm is None:
+            return []
+        measured = torch.stack([norms[p] if p in norms else p.new_zeros(2) for p in params])
+        return rescale_(params, measured[:, 0], measured[:, 1], max_norm)
 
     def _count(self, params: list[Tensor], hits: list[Tensor], caps: list[Tensor]) -> None:
         for p in params:

@@ -11,6 +11,12 @@ The pipeline, in this order (one line each in :meth:`MaskManager.step`):
 
 Nothing here reads a device value on the host: when to act is decided from ``step_count``.
 
+Where the optimizer offers a one-pass step (:class:`sparseham.HAM` over SGD, Adam or AdamW, see
+``sparseham._fused_step``), stages 2, 4 and 5 are handed to it and run in the same order inside
+stage 3, in one pass per tensor; ``.grad`` then keeps the unmasked gradient. A step pre-hook on the
+optimizer (it expects the masked gradient in ``.grad``), a tracker subclass with its own
+``update`` and tracking masks that depend on the step's weights (STR's) keep their stages staged.
+
 Resuming works in any order of loading the weights, building the manager and loading its state:
 if the managed weights are already sparse when the manager is built (a loaded checkpoint), the
 method's first masks wait until :meth:`MaskManager.load_state_dict` replaces them or the first

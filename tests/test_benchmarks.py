@@ -57,7 +57,8 @@ def test_rigl_update_quick(tmp_path, monkeypatch):
 
 def test_pipeline_quick(tmp_path, monkeypatch):
     (result,) = run_script("pipeline", tmp_path, monkeypatch)["results"]
-    variants = {"plain", "ham", "tracker", "masks", "pipeline", "trainer"}
+    variants = {"plain", "ham", "tracker", "masks", "pipeline", "pipeline_staged", "trainer",
+                "trainer_staged"}
     assert set(result["seconds_per_step"]) == variants
     assert set(result["ratio_plain_over"]) == variants - {"plain"}
     assert result["skipped_steps"] == 0
@@ -67,7 +68,8 @@ def test_pipeline_quick(tmp_path, monkeypatch):
 def test_gpu_quick(tmp_path, monkeypatch, capsys):
     report = run_script("gpu", tmp_path, monkeypatch)
     assert report["failed"] == []
-    assert set(report["results"]) == {"ham_step", "tracker", "rigl_update", "pipeline", "syncs"}
+    assert set(report["results"]) == {"ham_step", "tracker", "rigl_update", "pipeline", "pipeline_step",
+                                      "syncs"}
     syncs = report["results"]["syncs"]
     # 20 calls with updates every 5 optimizer steps; RigL's reference updates are iterations of their own.
     assert syncs["steps_checked"] == 20 and syncs["update_steps_checked"] == 3
@@ -94,8 +96,11 @@ def test_inference_quick(tmp_path, monkeypatch):
 def test_pipeline_step_quick(tmp_path, monkeypatch):
     (result,) = run_script("pipeline_step", tmp_path, monkeypatch)["results"]
     assert result["tensors"] == 2 and result["numel"] == 64 * 16 * 9 + 128 * 64
-    assert set(result["ratio_over_base"]) == {f"pipeline_{o}_{p}" for o in ("sgd", "adamw")
-                                              for p in ("eager", "fused")} | {"roofline", "grad_reset"}
+    variants = ("pipeline_staged", "pipeline_one_pass", "pipeline_one_pass_no_cap", "ham_staged",
+                "ham_one_pass", "ham_one_pass_no_cap")
+    stages = {"kernel_sgd", "kernel_+mirror", "kernel_+masks", "kernel_+tracker", "kernel_calls_only"}
+    assert set(result["ratio_over_base"]) == ({f"{o}_{v}" for o in ("sgd", "adamw") for v in variants}
+                                              | stages | {"roofline", "grad_reset"})
     assert all(s["n"] == 2 for s in result["seconds"].values())
 
 

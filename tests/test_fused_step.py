@@ -48,7 +48,8 @@ class Swap(Method):
 OPTIMIZERS = {
     "sgd": lambda ps, wd: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=wd),
     "sgd_nesterov": lambda ps, wd: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True, weight_decay=wd),
-    "sgd_dampening": lambda ps, wd: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.3, weight_decay=wd),
+    "sgd_dampening": lambda ps, wd: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.3,
+                                                    weight_decay=wd),
     "sgd_plain": lambda ps, wd: torch.optim.SGD(ps, lr=0.05, weight_decay=wd),
     "adam": lambda ps, wd: torch.optim.Adam(ps, lr=1e-2, weight_decay=wd),
     "adamw": lambda ps, wd: torch.optim.AdamW(ps, lr=1e-2, weight_decay=wd),
@@ -91,7 +92,7 @@ def _grads(model, step):
 
 def _run(pair, steps=5, check=True):
     for step in range(steps):
-        for model, opt, mm in pair:
+        for model, _, mm in pair:
             for p, grad in zip(model.parameters(), _grads(model, step)):
                 p.grad = grad
             mm.step()
@@ -102,7 +103,9 @@ def _run(pair, steps=5, check=True):
 def _assert_same(pair, step):
     (m1, o1, mm1), (m2, o2, mm2) = pair
     for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda s: f"{name} {step}: {s}")
+        where = f"{name} after step {step}"
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   msg=lambda s, w=where: f"{w}: {s}")
         sa, sb = o1.state[a], o2.state[b]
         assert sa.keys() == sb.keys()
         for key in sa:
