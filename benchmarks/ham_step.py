@@ -8,8 +8,10 @@ random weights and gradients, one process, repeats interleaved:
 - ``sgd``: ``torch.optim.SGD(momentum=0.9, foreach=True).step()``;
 - ``ham`` / ``ham_nocap``: the same SGD inside ``sparseham.HAM(foreach=True)``, with the default
   ``max_norm=1000`` and with ``max_norm=None`` (the norm cap is an extra pass);
-- ``ham_fused`` / ``ham_fused_nocap``: the same with ``fused=True`` (compile time reported apart);
-  at the default clamp 0.02 the compiled pass computes ``exp`` as a degree-3 polynomial;
+- ``ham_fused`` / ``ham_fused_nocap``: the same with ``fused=True`` (compile time reported apart):
+  over SGD this is the one-pass step (``sparseham._fused_step``: the base step and the mirror step
+  in one compiled pass per tensor; the cap's norms come from that pass); at the default clamp 0.02
+  it computes ``exp`` as a degree-3 polynomial;
 - ``ham_fused_nodiag`` / ``ham_fused_diag1``: ``fused=True`` with ``diagnostics=0`` (no clamp
   count) and ``=1`` (a count every step); the default counts every 10th step, so the cost of
   HAM's on-device diagnostics is (ham_fused - ham_fused_nodiag) / SGD (target <= 0.1), and

@@ -71,7 +71,6 @@ def _track(w: Tensor, code: Tensor, counts: Tensor, mask: Tensor | None, hist: T
     high = torch.floor(c * 0.25) * 4  # code & _KEEP_HIGH
     flipped = (c - high - 1) * w < 0  # (stored sign) * w < 0; a NaN w never flips, as _sign's 0
     now = torch.where(w > 0, 2.0, torch.where(w < 0, 0.0, 1.0))  # sign + 1, NaN -> 1
-    code.copy_((high + now + torch.where(flipped & (c < _EVER), float(_EVER), 0.0)).to(code.dtype))
     flip = flipped.to(torch.int32)
     wide = torch.int32 if w.numel() < 2**31 else torch.int64
     total = flip.sum(dtype=wide)
@@ -80,6 +79,7 @@ def _track(w: Tensor, code: Tensor, counts: Tensor, mask: Tensor | None, hist: T
     if hist is not None:
         h = hist.to(torch.int32)
         hist.copy_(torch.where(h < 254, h + 2 * flip, h).to(torch.uint8))
+    code.copy_((high + now + torch.where(flipped & (c < _EVER), float(_EVER), 0.0)).to(code.dtype))
 
 
 def _update_all(weights, codes, masks, hists, counts) -> None:
