@@ -228,7 +228,8 @@ def unsupported(base: Optimizer) -> str | None:
         for key in ("maximize", "amsgrad", "capturable", "differentiable", "fused"):
             if group.get(key):
                 return f"{key}=True"
-        if any(isinstance(v, Tensor) for k, v in group.items() if k != "params"):
+        if any(isinstance(x, Tensor) for k, v in group.items() if k != "params"
+               for x in (v if isinstance(v, (tuple, list)) else (v,))):
             return "a tensor hyperparameter"
         for p in group["params"]:
             g = p.grad
