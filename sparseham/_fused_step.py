@@ -161,8 +161,10 @@ def _kernel(specs: tuple[_Spec, ...], grouped: bool) -> Callable:
         def one_pass(*args):
             _one_pass(spec, *args)
 
-    # Dynamo keeps its graphs and its recompile limit per code object: one per kernel.
-    one_pass.__code__ = one_pass.__code__.replace(co_name=f"one_pass_{abs(hash((specs, grouped))):x}")
+    # Dynamo keeps its graphs and its recompile limit per code object: one per kernel (numbered in
+    # the order of first use, so logs name them alike from run to run).
+    number = _kernel.cache_info().currsize
+    one_pass.__code__ = one_pass.__code__.replace(co_name=f"one_pass_{number}{'_grouped' if grouped else ''}")
     import_cpp_extension_quietly()
     compiled = torch.compile(one_pass, fullgraph=True, dynamic=None if grouped else True)
     return _EagerOnFailure(compiled, one_pass)
