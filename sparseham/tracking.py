@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import sharding
+from ._ham_kernels import import_cpp_extension_quietly
 
 __all__ = ["SignFlipTracker"]
 
@@ -154,6 +155,7 @@ class SignFlipTracker:
         masks = None if masks is None else [sharding.local(m) for m in masks]
         if self.fused:
             if self._compiled is None:
+                import_cpp_extension_quietly()
                 self._compiled = torch.compile(_update_all, fullgraph=True)
             u8 = None if masks is None else [m.view(torch.uint8) for m in masks]
             codes = [c.view(torch.uint8) for c in self.codes]
