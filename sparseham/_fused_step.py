@@ -48,6 +48,7 @@ from functools import cache
 import torch
 from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
+from torch.optim.optimizer import _get_scalar_dtype
 
 from . import sharding
 from ._ham_kernels import _mirror_factor, import_cpp_extension_quietly
@@ -261,7 +262,7 @@ def _state(base: Optimizer, p: Tensor, group: dict) -> tuple[list[Tensor | None]
             dampening = 0.0
         return [buf], (group["lr"], momentum, dampening, group["weight_decay"])
     if not state:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # as torch's Adam (not capturable)
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     state["step"] += 1
@@ -336,8 +337,12 @@ def step_group(base: Optimizer, group: dict, params: list[Tensor], *, mirrored: 
             split=tracked is not None and tracked[2] is not None,
             hist=tracked is not None and tracked[3] is not None,
         )
-        n = hits[p] = torch.zeros((), dtype=torch.int64, device=p.device) if spec.count else None
-        nm = norms[p] = torch.empty(2, dtype=p.dtype, device=p.device) if spec.norm else None
+        n = torch.zeros((), dtype=torch.int64, device=p.device) if spec.count else None
+        nm = torch.empty(2, dtype=p.dtype, device=p.device) if spec.norm else None
+        if n is not None:
+            hits[p] = n
+        if nm is not None:
+            norms[p] = nm
         if tracked is not None:
             code, counts, split, hist = tracked
             tracked = (_flat(code), counts, _flat(split), _flat(hist))
@@ -353,5 +358,4 @@ def step_group(base: Optimizer, group: dict, params: list[Tensor], *, mirrored: 
     for todo in grouped.values():
         specs, per_tensor = zip(*todo)
         _kernel(specs, True)(*(list(a) for a in zip(*per_tensor)))
-    return ({p: n for p, n in hits.items() if n is not None},
-            {p: nm for p, nm in norms.items() if nm is not None})
+    return hits, norms

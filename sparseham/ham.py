@@ -236,7 +236,7 @@ class HAM(Optimizer):
         else:
             loss = self.optimizer.step(closure)
         key_a, key_b = self._keys
-        count, max_norm = self._counting(), self.max_norm
+        count = self._counting()
         for i, group in enumerate(self.param_groups):
             alpha, beta = group[key_a], group[key_b]
             if alpha == 0 and beta == 0:
@@ -264,13 +264,13 @@ class HAM(Optimizer):
                 alpha=alpha,
                 beta=beta,
                 clamp=self.clamp,
-                max_norm=None if sharded else max_norm,
+                max_norm=None if sharded else self.max_norm,
                 foreach=self.foreach,
                 fused=self.fused,
                 count=count,
             )
-            if sharded and max_norm is not None:
-                caps = [sharding.local(c) for c in cap_norms_(stepped, max_norm)]
+            if sharded and self.max_norm is not None:
+                caps = [sharding.local(c) for c in cap_norms_(stepped, self.max_norm)]
             self._count(stepped, hits, caps)
         return loss
 
@@ -278,7 +278,7 @@ class HAM(Optimizer):
         """The one-pass step (``sparseham._fused_step``) for every tensor with a stage to fuse, then
         the norm cap; the base optimizer's own step for the rest (1-D tensors, unmanaged ones)."""
         key_a, key_b = self._keys
-        count, max_norm, degree = self._counting(), self.max_norm, exp_poly_degree(self.clamp)
+        count, degree = self._counting(), exp_poly_degree(self.clamp)
         managed = set() if stages is None else {*stages.masks, *stages.track}
         plan, rest = [], False
         for group in self.param_groups:
@@ -300,11 +300,11 @@ class HAM(Optimizer):
         for group, mirror, mirrored, fused in plan:
             hits, norms = _fused_step.step_group(
                 self.optimizer, group, fused, mirrored=mirrored, ham=mirror,
-                pre_sign=self.sign == "pre_step", degree=degree, count=count, cap=max_norm is not None,
+                pre_sign=self.sign == "pre_step", degree=degree, count=count, cap=self.max_norm is not None,
                 stages=stages)
             stepped = [p for p in self._mirrored(group) if p in mirrored]
             if stepped:
-                caps = self._cap(stepped, norms, max_norm)
+                caps = self._cap(stepped, norms, self.max_norm)
                 self._count(stepped, [hits[p] for p in stepped] if count else [], caps)
 
     @staticmethod

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from . import sharding
 from ._fused_step import Stages
@@ -245,8 +246,6 @@ class MaskManager:
     def _observed(self) -> bool:
         """Whether a step pre-hook other than ours watches the optimizer: it expects to see the
         masked gradients in ``.grad``, which only the staged pipeline writes there."""
-        from torch.optim.optimizer import _global_optimizer_pre_hooks
-
         ours = self._before_optimizer_step
         return bool(_global_optimizer_pre_hooks) or any(
             h != ours for h in self.optimizer._optimizer_step_pre_hooks.values())
