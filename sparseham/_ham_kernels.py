@@ -2,7 +2,8 @@
 
 Each kernel updates the parameters in place and returns, per tensor, two device tensors for the
 diagnostics: how many entries' exponents reached the clamp (with ``count``; else ``[]``), and
-whether the norm cap rescaled it (0 or 1). Nothing here reads a device value on the host.
+whether the norm cap rescaled it (0 or 1). Nothing here reads a device value on the host (the
+norm cap reads its per-tensor scales on the host only for CPU tensors, :data:`HOST_READS_FREE`).
 
 The fused kernel is one compiled pass per tensor (torch.compile; Triton on CUDA).
 ``torch.compile`` caches one graph per parameter layout (number, shapes, dtypes and devices of
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["ULP", "cap_norms_", "exp_poly_degree", "exp_poly_error_bound", "rescale_"]
+__all__ = ["HOST_READS_FREE", "ULP", "cap_norms_", "exp_poly_degree", "exp_poly_error_bound", "rescale_"]
 
 Counts = tuple[list[Tensor], list[Tensor]]  # (clamped entries, capped flag) per tensor
 
@@ -37,6 +38,10 @@ ULP = 2.0**-24  # float32's unit roundoff (eps / 2): the relative error of one c
 _MAX_DEGREE = 8  # beyond it, torch.exp
 _INV_FACTORIAL = tuple(1.0 / math.factorial(k) for k in range(_MAX_DEGREE + 1))
 _TINY = 2.0**-149  # the absolute error of a float32 product that underflows
+
+#: Device types whose tensor values the host reads without a device synchronisation (host memory):
+#: there the norm cap skips the multiply for tensors it does not rescale (:func:`rescale_`).
+HOST_READS_FREE = frozenset({"cpu"})
 
 
 def _f32(x: float) -> float:
@@ -228,5 +233,14 @@ def rescale_(tensors: list[Tensor], norms: Tensor, peaks: Tensor, max_norm: floa
     bound = torch.where(torch.isfinite(norms), norms, peaks)
     # A NaN or inf entry makes the bound non-finite: leave that tensor alone rather than spread it.
     scale = torch.where(torch.isfinite(bound), torch.clamp(max_norm / bound, max=1.0), 1.0)
-    torch._foreach_mul_(tensors, list(scale.to(tensors[0].dtype).unbind()))
-    return list((scale < 1.0).long().unbind())
+    capped = scale < 1.0
+    if scale.device.type in HOST_READS_FREE:
+        # The cap rarely fires: multiplying every tensor by 1 is a pass over all weights for nothing
+        # (0.27x an SGD step on ResNet-18). Where the host reads the scales without a device sync,
+        # only the capped tensors are multiplied; x * 1 == x bit for bit, so results do not change.
+        todo = [i for i, c in enumerate(capped.tolist()) if c]
+        if todo:
+            torch._foreach_mul_([tensors[i] for i in todo], list(scale[todo].to(tensors[0].dtype).unbind()))
+    else:
+        torch._foreach_mul_(tensors, list(scale.to(tensors[0].dtype).unbind()))
+    return list(capped.long().unbind())

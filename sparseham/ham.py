@@ -74,9 +74,11 @@ class HAM(Optimizer):
             ``alpha * lr`` large, factors of up to :math:`e^{clamp}` per step overflow float32 within a
             few dozen steps. ``None`` disables it. The cap is a pass of its own (about 0.8x an SGD
             step here: two reads to measure and one read-modify-write). The one-pass step measures
-            in its own pass, which leaves the multiply. Not applied one step late from those norms
-            (issue 16's other option): a tensor would exceed ``max_norm`` for a step, and the
-            one-pass and staged results would differ.
+            in its own pass, which leaves the multiply; on CPU only the tensors over the cap are
+            multiplied (the host reads the scales there without a sync; on a GPU every tensor is
+            multiplied by its scale, 1 or less, to keep the step free of syncs). Not applied one
+            step late from those norms (issue 16's other option): a tensor would exceed
+            ``max_norm`` for a step, and the one-pass and staged results would differ.
         min_ndim: only tensors with ``ndim >= min_ndim`` get the mirror step (biases and norm layers
             are left alone).
         foreach: the staged mirror step's multi-tensor ``torch._foreach_*`` path (the default when
@@ -310,7 +312,8 @@ class HAM(Optimizer):
     @staticmethod
     def _cap(params: list[Tensor], norms: dict[Tensor, Tensor], max_norm: float | None) -> list[Tensor]:
         """The norm cap after the one-pass step, from the norms its pass measured: one multiply pass
-        (the eager cap also reads every tensor twice to measure). After the masks, where the staged
+        on a GPU, none on CPU unless a tensor is over the cap (:func:`rescale_`; the eager cap also
+        reads every tensor twice to measure). After the masks, where the staged
         path caps before them: pruned entries are zero either way, so the norms agree."""
         if max_norm is None:
             return []

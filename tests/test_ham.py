@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparseham import HAM, ham
+from sparseham import HAM, _ham_kernels, ham
 
 
 def _params(seed=0, dtype=torch.float64):
@@ -388,6 +388,37 @@ def test_norm_cap_does_not_spread_a_nan():
         x = [torch.tensor([[float("nan"), 2.0], [3.0, 4.0]])]
         ham(x, [torch.zeros(2, 2)], lr=0.1, alpha=1.0, beta=0.0, max_norm=1.0, **kw)
         assert torch.isnan(x[0][0, 0]) and torch.equal(x[0][1], torch.tensor([3.0, 4.0]))
+
+
+def test_cpu_norm_cap_multiplies_only_the_capped_tensors(monkeypatch):
+    # On CPU the cap reads its scales on the host and skips the tensors it leaves alone; the result
+    # and the flags equal the device path's (every tensor multiplied by its scale, 1 or less).
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(4, 5, generator=g) * s for s in (0.1, 10.0, 0.5, 30.0)]
+    tensors.append(torch.tensor([[float("nan"), 1e3]]))  # non-finite: left alone on both paths
+    tensors.append(torch.tensor([[-0.0, 0.0]]))  # -0.0 * 1 is -0.0: nothing to tell apart
+    multiplied = []
+    real_mul = torch._foreach_mul_
+
+    def spy(ts, scales):
+        multiplied.append([id(t) for t in ts])
+        return real_mul(ts, scales)
+
+    results = {}
+    for free in (_ham_kernels.HOST_READS_FREE, frozenset()):
+        xs = [t.clone() for t in tensors]
+        monkeypatch.setattr(_ham_kernels, "HOST_READS_FREE", free)
+        monkeypatch.setattr(torch, "_foreach_mul_", spy)
+        multiplied.clear()
+        flags = _ham_kernels.cap_norms_(xs, 20.0)
+        results[free] = (xs, [int(f) for f in flags], [len(m) for m in multiplied])
+        monkeypatch.undo()
+    (cpu, cpu_flags, cpu_calls), (device, device_flags, device_calls) = results.values()
+    assert cpu_flags == device_flags == [0, 1, 0, 1, 0, 0]
+    assert cpu_calls == [2] and device_calls == [6]  # only the two capped tensors on CPU
+    for a, b in zip(cpu, device):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # bit for bit, NaN and -0.0 too
+    assert all(torch.linalg.vector_norm(cpu[i]) <= 20.0 * (1 + 1e-6) for i in (1, 3))
 
 
 @pytest.mark.parametrize("impl", [{"foreach": False}, {"foreach": True}, {"fused": True}])
