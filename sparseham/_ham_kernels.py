@@ -234,7 +234,7 @@ def rescale_(tensors: list[Tensor], norms: Tensor, peaks: Tensor, max_norm: floa
     # A NaN or inf entry makes the bound non-finite: leave that tensor alone rather than spread it.
     scale = torch.where(torch.isfinite(bound), torch.clamp(max_norm / bound, max=1.0), 1.0)
     capped = scale < 1.0
-    if scale.device.type in HOST_READS_FREE:
+    if scale.device.type in HOST_READS_FREE and type(scale) is Tensor:  # not a DTensor (FSDP)
         # The cap rarely fires: multiplying every tensor by 1 is a pass over all weights for nothing
         # (0.27x an SGD step on ResNet-18). Where the host reads the scales without a device sync,
         # only the capped tensors are multiplied; x * 1 == x bit for bit, so results do not change.
