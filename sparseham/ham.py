@@ -313,8 +313,8 @@ class HAM(Optimizer):
     def _cap(params: list[Tensor], norms: dict[Tensor, Tensor], max_norm: float | None) -> list[Tensor]:
         """The norm cap after the one-pass step, from the norms its pass measured: one multiply pass
         on a GPU, none on CPU unless a tensor is over the cap (:func:`rescale_`; the eager cap also
-        reads every tensor twice to measure). After the masks, where the staged
-        path caps before them: pruned entries are zero either way, so the norms agree."""
+        reads every tensor twice to measure). After the masks, where the staged path caps before
+        them: pruned entries are zero either way, so the norms agree."""
         if max_norm is None:
             return []
         measured = torch.stack([norms[p] if p in norms else p.new_zeros(2) for p in params])
