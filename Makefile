@@ -44,9 +44,13 @@ demo: data
 	@echo "TensorBoard:     $(VENV)/bin/tensorboard --logdir $(RUN)"
 	@echo "Report:          $(RUN)/report/report.html (and report.md)"
 
+# The suite in parallel (pytest-xdist), one process per core up to 4: each test process runs
+# torch on one thread (tests/conftest.py), and the end-to-end tests start processes of their own.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: data browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal
 
 # Deliberate one-line bugs (tools/mutations.yaml), each against its tests; not part of `make test`.
 mutate: data
