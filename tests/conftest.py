@@ -21,16 +21,3 @@ def skip_unless_required(reason: str, variable: str) -> None:
     if os.environ.get(variable) == "1":
         pytest.fail(f"{reason} ({variable}=1: CI provides it, so this must not skip)")
     pytest.skip(reason)
-
-
-# The files whose tests start training processes of their own, longest first (measured serially on
-# 2 cores: each holds tests of 20 to 80 s). Collected first, they start first: pytest-xdist then
-# ends the run on short tests instead of one worker finishing a long one while the other idles.
-LONG_FIRST = ("test_methods.py", "test_train.py", "test_run_safety.py", "test_reliability.py", "test_fsdp.py",
-              "test_study.py", "test_packaging.py", "test_sweep_submitit.py", "test_end_to_end.py",
-              "test_benchmarks.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: file order kept
