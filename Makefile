@@ -46,7 +46,7 @@ demo: data
 
 # The suite in parallel (pytest-xdist), one process per core up to 4: each test process runs
 # torch on one thread (tests/conftest.py), and the end-to-end tests start processes of their own.
-# 2 cores: 16:25 from a fresh clone (27:15 in one process), 11:09 with inductor's cache warm.
+# Its measured times are in the README (Testing).
 JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 test: data browser
