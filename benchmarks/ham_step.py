@@ -9,7 +9,7 @@ random weights and gradients, one process, repeats interleaved:
 - ``ham`` / ``ham_nocap``: the same SGD inside ``sparseham.HAM(foreach=True)``, with the default
   ``max_norm=1000`` and with ``max_norm=None`` (the norm cap is an extra pass);
 - ``ham_fused`` / ``ham_fused_nocap``: the same with ``fused=True`` (compile time reported apart):
-  over SGD this is the one-pass step (``sparseham._fused_step``: the base step and the mirror step
+  over SGD this is the one-pass step (``sparseham._step.one_pass``: the base step and the mirror step
   in one compiled pass per tensor; the cap's norms come from that pass); at the default clamp 0.02
   it computes ``exp`` as a degree-3 polynomial;
 - ``ham_fused_nodiag`` / ``ham_fused_diag1``: ``fused=True`` with ``diagnostics=0`` (no clamp
@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 import sparseham
-from sparseham._ham_kernels import _compiled_pass, cap_norms_, exp_poly_degree
+from sparseham._step.mirror import cap_norms_, compiled_pass, exp_poly_degree
 
 if __package__:
     from ._common import interleaved, machine, model_shapes, summarize
@@ -93,7 +93,7 @@ def _mirror_fns(weights: list[Tensor], grads: list[Tensor]) -> dict:
     mirrored = [w.clone() for w in weights]
     fns = {}
     for name, degree in (("mirror_poly", exp_poly_degree(CLAMP)), ("mirror_exp", None)):
-        step = _compiled_pass(degree)
+        step = compiled_pass(degree)
         fns[name] = lambda step=step: step(mirrored, grads, mirrored, LR, ALPHA, BETA, CLAMP, False)
     return fns
 

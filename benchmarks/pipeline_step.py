@@ -12,7 +12,7 @@ random weights and gradients (the gradient is put back before every call, no bac
   window), ``HAM(fused=False)`` (foreach, the norm cap at 1000) around the optimizer and a
   ``SignFlipTracker`` at interval 1: every stage its own pass;
 - ``<opt>_pipeline_one_pass``: the same with HAM's default ``fused=None``: the one-pass step
-  (``sparseham._fused_step``) does every stage but the norm cap in one pass per tensor;
+  (``sparseham._step.one_pass``) does every stage but the norm cap in one pass per tensor;
   ``..._no_cap``: with ``max_norm=None``, to show the cap's own pass;
 - ``<opt>_ham_staged`` / ``<opt>_ham_one_pass[_no_cap]``: ``HAM.step()`` alone (base step plus
   mirror step), no masks and no tracker;
@@ -34,7 +34,8 @@ import time
 import torch
 from torch import nn
 
-from sparseham import HAM, MaskManager, SignFlipTracker, _fused_step, methods
+from sparseham import HAM, MaskManager, SignFlipTracker, methods
+from sparseham._step import one_pass
 
 if __package__:
     from ._common import interleaved, shapes_cli, summarize, weight_shapes, write_report
@@ -108,7 +109,7 @@ def _variant(weights, grads, opt_name: str, variant: str | None):
 
 
 # The one-pass kernel's stages, added one at a time (SGD with momentum, ResNet weights): where its
-# time goes. Each row calls sparseham._fused_step's per-tensor kernel directly, as HAM does on CPU.
+# time goes. Each row calls sparseham._step.one_pass's per-tensor kernel directly, as HAM does on CPU.
 STAGES = {
     "kernel_sgd": {},
     "kernel_+mirror": {"mirror": True, "degree": 3},
@@ -129,10 +130,10 @@ def _stage(weights, grads, flags: dict, numel: int | None = None):
     masks = [torch.rand(p.shape, device=p.device) < 0.1 for p in params]
     codes = [torch.full(p.shape, 5, dtype=torch.int8, device=p.device) for p in params]
     counts = [torch.zeros(2, dtype=torch.int64, device=p.device) for p in params]
-    kernel = _fused_step._kernel((_fused_step._Spec("sgd", momentum=True, **flags),), False)
-    hyper = _fused_step._scalars((LR, MOMENTUM, 0.0, 0.0), params[0].device)
-    ham = _fused_step._scalars((LR, ALPHA, BETA, 0.02), params[0].device)
-    flat = _fused_step._flat
+    kernel = one_pass.kernel((one_pass.Spec("sgd", momentum=True, **flags),), False)
+    hyper = one_pass.scalars((LR, MOMENTUM, 0.0, 0.0), params[0].device)
+    ham = one_pass.scalars((LR, ALPHA, BETA, 0.02), params[0].device)
+    flat = one_pass.flat
 
     @torch.no_grad()
     def step() -> None:
@@ -161,7 +162,7 @@ def bench(name: str, repeats: int, seed: int = 0, device: torch.device | None = 
             t0 = time.perf_counter()
             synced({key: fns[key]}, device)[key]()  # the first call compiles the one-pass kernels
             compile_s[key] = time.perf_counter() - t0
-    if device.type not in _fused_step.GROUPED:  # where the one-pass step calls a kernel per tensor
+    if device.type not in one_pass.GROUPED:  # where the one-pass step calls a kernel per tensor
         for key, flags in STAGES.items():
             fns[key] = _stage(weights, grads, flags)
         fns["kernel_calls_only"] = _stage(weights, grads, STAGES["kernel_+tracker"], numel=64)

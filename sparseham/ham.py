@@ -34,17 +34,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _fused_step, sharding
-from ._ham_kernels import (
-    _fused_ham,
-    _multi_tensor_ham,
-    _single_tensor_ham,
-    cap_norms_,
-    exp_poly_degree,
-    rescale_,
-)
+from . import sharding
+from ._step import one_pass
+from ._step.mirror import cap_norms_, exp_poly_degree, ham, rescale_
+from ._step.plan import GroupPlan, Mirror, StepPlan
 
-__all__ = ["HAM", "ham"]
+__all__ = ["HAM", "ham"]  # ham: the functional mirror step (sparseham._step.mirror)
 
 _SIGNS = ("half_step", "pre_step")
 
@@ -85,8 +80,8 @@ class HAM(Optimizer):
             the one-pass step does not apply); ``False``: a for-loop over tensors.
         fused: ``None`` (auto, the default) runs the *one-pass step* where it applies: base step,
             mirror step and, inside :meth:`sparseham.MaskManager.step`, the masks and the sign-flip
-            tracker in one compiled pass per tensor (``sparseham._fused_step``; SGD, Adam and AdamW,
-            see its ``unsupported`` for the conditions; the first step compiles, seconds on CPU).
+            tracker in one compiled pass per tensor (``sparseham._step.one_pass``; SGD, Adam and
+            AdamW, see its ``unsupported`` for the conditions; the first step compiles, seconds on CPU).
             Elsewhere it runs the staged path: the base optimizer's own step, then the mirror step.
             ``True``: the same, and the staged mirror step as one compiled pass per tensor, with a
             warning saying why the one-pass step does not apply. ``False``: always staged, eager.
@@ -144,7 +139,6 @@ class HAM(Optimizer):
         if sam_gradient == "original" and hasattr(optimizer, "keep_first_grads"):
             optimizer.keep_first_grads = True
         self._calls = 0  # host-side: which steps count the clamped entries
-        self._stages: _fused_step.Stages | None = None  # handed over by MaskManager for one step
         self._warned_staged = False
         # The base's defaults too: schedulers such as OneCycleLR and CyclicLR look for
         # "momentum" or "betas" there.
@@ -194,24 +188,20 @@ class HAM(Optimizer):
         """Why the next :meth:`step` runs staged rather than as the one-pass step (``None``: one pass)."""
         if self.fused is False or self.foreach is not None:
             return "fused=False" if self.fused is False else "foreach chosen"
-        why = _fused_step.unsupported(self.optimizer)
+        why = one_pass.unsupported(self.optimizer)
         if why is not None and self.fused and not self._warned_staged:
             self._warned_staged = True
             warnings.warn(f"HAM(fused=True): the one-pass step does not apply ({why}); the base step runs "
                           "on its own and the mirror step as one compiled pass", stacklevel=3)
         return why
 
-    def take_stages(self, stages: _fused_step.Stages | None) -> bool:
-        """For :class:`sparseham.MaskManager`: do this step's masks and tracker update inside the
-        one-pass step. Returns whether the next :meth:`step` takes them (``None`` withdraws them)."""
-        if stages is not None:
-            params = {id(p) for g in self.param_groups for p in g["params"]}
-            wanted = [*stages.masks, *stages.track]
-            if (self.one_pass_blocker() is not None
-                    or any(id(p) not in params or p.grad is None for p in wanted)):
-                stages = None
-        self._stages = stages
-        return stages is not None
+    def accepts(self, plan: StepPlan) -> bool:
+        """For :class:`sparseham.MaskManager`: whether the next ``step(plan=plan)`` can run the
+        plan's stages (masks, sign-flip tracker) inside the one-pass step: it applies, and every
+        tensor the plan names is one of this optimizer's, with a gradient."""
+        params = {id(p) for g in self.param_groups for p in g["params"]}
+        return self.one_pass_blocker() is None and all(
+            id(p) in params and p.grad is not None for p in plan.tensors())
 
     def _counting(self) -> bool:
         """Whether this step counts the clamped entries (every ``diagnostics``-th)."""
@@ -219,15 +209,24 @@ class HAM(Optimizer):
         return every > 0 and self._calls % every == 0
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        """Run the base step, then the mirror step on every tensor with ``ndim >= min_ndim``."""
-        stages, self._stages = self._stages, None
-        if stages is not None or self.one_pass_blocker() is None:
+    def step(self, closure=None, *, plan: StepPlan | None = None):  # type: ignore[override]
+        """Run the base step, then the mirror step on every tensor with ``ndim >= min_ndim``.
+
+        Args:
+            closure: as for ``torch.optim``.
+            plan: from :class:`sparseham.MaskManager` (checked with :meth:`accepts`): its masks and
+                tracker update run inside the one-pass step, in the pipeline's order.
+        """
+        if plan is not None and not self.accepts(plan):
+            raise ValueError("HAM.step(plan=...): this step cannot run the plan's stages "
+                             f"({self.one_pass_blocker() or 'a planned tensor has no gradient here'}); "
+                             "check HAM.accepts(plan) first")
+        if plan is not None or self.one_pass_blocker() is None:
             loss = None
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            self._one_pass(stages)
+            self._one_pass(plan or StepPlan())
             return loss
         pre_signs = None
         if self.sign == "pre_step":
@@ -276,35 +275,29 @@ class HAM(Optimizer):
             self._count(stepped, hits, caps)
         return loss
 
-    def _one_pass(self, stages: _fused_step.Stages | None) -> None:
-        """The one-pass step (``sparseham._fused_step``) for every tensor with a stage to fuse, then
-        the norm cap; the base optimizer's own step for the rest (1-D tensors, unmanaged ones)."""
+    def _one_pass(self, stages: StepPlan) -> None:
+        """The one-pass step (``sparseham._step.one_pass``) for every tensor with a stage to fuse,
+        then the norm cap; torch's own step for the rest (1-D tensors, unmanaged ones)."""
         key_a, key_b = self._keys
         count, degree = self._counting(), exp_poly_degree(self.clamp)
-        managed = set() if stages is None else {*stages.masks, *stages.track}
-        plan, rest = [], False
+        managed = {id(p) for p in stages.tensors()}
+        plans, rest = [], []
         for group in self.param_groups:
             alpha, beta = group[key_a], group[key_b]
-            mirror = None if alpha == 0 and beta == 0 else (group["lr"], alpha, beta, self.clamp)
-            mirrored = {p for p in self._mirrored(group) if p.grad is not None} if mirror else set()
-            fused = [p for p in group["params"] if p.grad is not None and (p in mirrored or p in managed)]
-            rest = rest or len(fused) < sum(p.grad is not None for p in group["params"])
-            plan.append((group, mirror, mirrored, fused))
-        if rest:  # torch's own step, exactly, for the tensors with nothing to fuse
-            hidden = [(p, p.grad) for *_, fused in plan for p in fused]
-            for p, _ in hidden:
-                p.grad = None
-            try:
+            mirror = None if alpha == 0 and beta == 0 else Mirror(group["lr"], alpha, beta, self.clamp)
+            mirrored = frozenset(p for p in self._mirrored(group) if p.grad is not None) if mirror else frozenset()
+            stepped = [p for p in group["params"] if p.grad is not None]
+            fused = [p for p in stepped if p in mirrored or id(p) in managed]
+            rest += [p for p in stepped if not (p in mirrored or id(p) in managed)]
+            plans.append((group, fused, GroupPlan(mirror, mirrored, pre_sign=self.sign == "pre_step",
+                                                  degree=degree, count=count, cap=self.max_norm is not None,
+                                                  stages=stages)))
+        if rest:
+            with one_pass.base_step_only(self.optimizer, rest):
                 self.optimizer.step()
-            finally:
-                for p, g in hidden:
-                    p.grad = g
-        for group, mirror, mirrored, fused in plan:
-            hits, norms = _fused_step.step_group(
-                self.optimizer, group, fused, mirrored=mirrored, ham=mirror,
-                pre_sign=self.sign == "pre_step", degree=degree, count=count, cap=self.max_norm is not None,
-                stages=stages)
-            stepped = [p for p in self._mirrored(group) if p in mirrored]
+        for group, fused, plan in plans:
+            hits, norms = one_pass.step_group(self.optimizer, group, fused, plan)
+            stepped = [p for p in self._mirrored(group) if p in plan.mirrored]
             if stepped:
                 caps = self._cap(stepped, norms, self.max_norm)
                 self._count(stepped, [hits[p] for p in stepped] if count else [], caps)
@@ -375,43 +368,3 @@ class HAM(Optimizer):
         if reset:
             self._hits, self._caps, self._steps, self._counted = {}, {}, {}, {}
         return out
-
-
-def ham(
-    params: list[Tensor],
-    grads: list[Tensor],
-    signs: list[Tensor] | None = None,
-    *,
-    lr: float | Tensor,
-    alpha: float,
-    beta: float,
-    clamp: float = 0.02,
-    max_norm: float | None = None,
-    foreach: bool | None = None,
-    fused: bool | None = None,
-    count: bool = True,
-) -> tuple[list[Tensor], list[Tensor]]:
-    r"""Functional mirror step, in place: ``p *= exp(clamp(-lr*(alpha*sign(s)*g + beta), -c, c))``.
-
-    Args:
-        params: tensors after the base step (:math:`x_{k+1/2}`), updated in place.
-        grads: the raw gradients :math:`\nabla f(x_k)`.
-        signs: the tensors whose sign is used (``None``: ``params`` themselves, HYP*).
-        lr, alpha, beta, clamp, max_norm: see :class:`HAM`.
-        foreach, fused: implementation choice; the default is foreach.
-        count: also count the entries whose exponent reaches the clamp.
-
-    Returns:
-        Per tensor, on its device: the number of entries whose exponent reached the clamp, and
-        (with ``max_norm``) whether the norm cap rescaled the tensor; ``[]`` without ``max_norm``.
-    """
-    if fused and foreach:
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    if signs is None:
-        signs = params
-    hyper = {"lr": lr, "alpha": alpha, "beta": beta, "clamp": clamp, "max_norm": max_norm, "count": count}
-    if fused:
-        return _fused_ham(params, grads, signs, **hyper)
-    if foreach is False:
-        return _single_tensor_ham(params, grads, signs, **hyper)
-    return _multi_tensor_ham(params, grads, signs, **hyper)

@@ -12,9 +12,10 @@ The pipeline, in this order (one line each in :meth:`MaskManager.step`):
 Nothing here reads a device value on the host: when to act is decided from ``step_count``.
 
 Where the optimizer offers a one-pass step (:class:`sparseham.HAM` over SGD, Adam or AdamW, see
-``sparseham._fused_step``), stages 2, 4 and 5 are handed to it and run in the same order inside
-stage 3, in one pass per tensor; ``.grad`` then keeps the unmasked gradient. A step pre-hook on the
-optimizer (it expects the masked gradient in ``.grad``), a tracker subclass with its own
+``sparseham._step``, the engine room of the step), stages 2, 4 and 5 are handed to it as a
+:class:`~sparseham._step.plan.StepPlan` (``optimizer.step(plan=...)``) and run in the same order
+inside stage 3, in one pass per tensor; ``.grad`` then keeps the unmasked gradient. A step pre-hook
+on the optimizer (it expects the masked gradient in ``.grad``), a tracker subclass with its own
 ``update`` and tracking masks that depend on the step's weights (STR's) keep their stages staged.
 
 Resuming works in any order of loading the weights, building the manager and loading its state:
@@ -34,12 +35,12 @@ from torch import Tensor, nn
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from . import sharding
-from ._fused_step import Stages
+from ._step import masking
+from ._step.plan import StepPlan
 from .method import Method
 from .params import prunable_parameters, unwrap
 from .stepping import PipelineOptimizer, already_unscaled
 from .topk import nm_groups
-from .tracking import SignFlipTracker
 
 __all__ = ["MaskManager", "MaskInvariantError", "prunable_parameters", "unwrap"]
 
@@ -184,64 +185,68 @@ class MaskManager:
         if self._pending:
             self._pending = False
             self.apply_masks_()
-        self.method.pre_step(self)
+        self.method.pre_step(self)  # 1
         self.topology_only = not self.method.takes_optimizer_step(self)
         if self.topology_only:
             return loss  # pre_step installed the new masks; the optimizer does not step
-        masking = self.masks is not None and self.method.masking
-        # Stages 2, 4 and 5 inside the optimizer's one-pass step where it offers one (sparseham.HAM
-        # over SGD, Adam or AdamW: sparseham._fused_step); the order of operations is the same.
-        tracked = self._hand_over(masking, reevaluate is None)
-        handed = tracked is not None
-        if masking and not handed:
+        plan = self._plan(reevaluate is None)  # stages 2, 4, 5 in the optimizer's pass, or None: staged
+        self._mask_grads(plan)  # 2
+        if not self._optimizer_step(plan, reevaluate, scaler):  # 3
+            self.method.skip_step(self)  # the scaler found inf or NaN and skipped the step
+            return loss
+        self.step_count += 1
+        self._mask_weights(plan)  # 4
+        self._track(plan)  # 5
+        self.method.post_step(self)  # 6
+        return loss
+
+    def _masking(self) -> bool:
+        return self.masks is not None and self.method.masking
+
+    def _plan(self, plain: bool) -> StepPlan | None:
+        """The stages to hand to the optimizer's one-pass step, or ``None`` when it does not take
+        them (no one-pass step, a closure that re-evaluates, a hook watching ``.grad``)."""
+        accepts = getattr(self.optimizer, "accepts", None)
+        if accepts is None or not plain or self._observed():
+            return None
+        plan = StepPlan(masks=dict(zip(self.params, self.masks)) if self._masking() else {})
+        # The tracker goes along only when its masks do not depend on this step's weights (STR's do).
+        if self.tracker is not None and self.method.tracking_masks_fixed(self):
+            states = self.tracker.in_pass_states(self.method.tracking_masks(self))
+            plan.track = {} if states is None else dict(zip(self.params, states))
+        return plan if accepts(plan) else None
+
+    def _mask_grads(self, plan: StepPlan | None) -> None:
+        if plan is None and self._masking():
             self.mask_grads_()
+
+    def _optimizer_step(self, plan: StepPlan | None, reevaluate: Callable | None,
+                        scaler: torch.amp.GradScaler | None) -> bool:
+        """Stage 3; returns whether the optimizer stepped (a scaler skips non-finite steps)."""
+        kwargs = {} if plan is None else {"plan": plan}
         self._inside, self._stepped = True, False
         try:
             if scaler is not None:
-                scaler.step(self.optimizer)
+                scaler.step(self.optimizer, **kwargs)
             elif reevaluate is not None:
                 self.optimizer.step(reevaluate)
             else:
-                self.optimizer.step()
+                self.optimizer.step(**kwargs)
         finally:
             self._inside = False
-            if handed:
-                self.optimizer.take_stages(None)  # a skipped step leaves them behind
-        if not self._stepped:  # the scaler found inf or NaN and skipped the step (a host-side flag)
-            self.method.skip_step(self)
-            return loss
-        self.step_count += 1
-        if masking and not handed:
+        return self._stepped
+
+    def _mask_weights(self, plan: StepPlan | None) -> None:
+        if plan is None and self._masking():
             self.apply_masks_()
-        if tracked:
-            self.tracker.update(self.params, None, compared=True)  # only counts the step
-        elif self.tracker is not None:
+
+    def _track(self, plan: StepPlan | None) -> None:
+        if self.tracker is None:
+            return
+        if plan is not None and plan.track:
+            self.tracker.update(self.params, None, compared=True)  # the pass compared the signs
+        else:
             self.tracker.update(self.params, self.method.tracking_masks(self))
-        self.method.post_step(self)
-        return loss
-
-    def _hand_over(self, masking: bool, plain: bool) -> bool | None:
-        """Offer the masks and the tracker update to the optimizer's one-pass step.
-
-        Returns:
-            ``None`` when it does not take them; else whether the tracker update went with them
-            (only when its masks do not depend on this step's weights, as STR's implicit ones do).
-        """
-        take = getattr(self.optimizer, "take_stages", None)
-        if take is None or not plain or self._observed():
-            return None
-        stages = Stages(masks=dict(zip(self.params, self.masks)) if masking else {})
-        tracker = self.tracker
-        if (tracker is not None and tracker.due() and not tracker.sharded
-                and self.method.tracking_masks_fixed(self)
-                and type(tracker).update is SignFlipTracker.update):  # a subclass's own update runs
-            split = self.method.tracking_masks(self)
-            for i, p in enumerate(self.params):
-                stages.track[p] = (tracker.codes[i], tracker.counts[i], None if split is None else split[i],
-                                   None if tracker.hists is None else tracker.hists[i])
-        if not take(stages):
-            return None
-        return bool(stages.track)
 
     def _observed(self) -> bool:
         """Whether a step pre-hook other than ours watches the optimizer: it expects to see the
@@ -260,32 +265,16 @@ class MaskManager:
         return masked
 
     def _refresh_factors(self) -> None:
-        # What the masks multiply by. On CPU, multiplying floats by a bool tensor first converts
-        # the bool tensor (about as slow as an SGD step over the weights): keep a float copy there.
-        # On accelerators the conversion happens inside the kernel, so the 1-byte masks serve.
         self._factors = None  # free the old factors before building the new ones
-        self._factors = None if self.masks is None else [
-            m.to(p.dtype) if p.device.type == "cpu" else m for m, p in zip(self.masks, self.params)
-        ]
+        self._factors = None if self.masks is None else masking.factors(self.masks, self.params)
 
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned weights, in place."""
-        pairs = [(p.grad, m) for p, m in zip(self.params, self._factors) if p.grad is not None]
-        if pairs:
-            grads, masks = zip(*pairs)
-            torch._foreach_mul_(list(grads), list(masks))
+        masking.mask_grads_(self.params, self._factors)
 
     def apply_masks_(self) -> None:
         """Zero pruned weights and every optimizer-state tensor shaped like its weight."""
-        tensors, masks = list(self.params), list(self._factors)
-        for p, m in zip(self.params, self._factors):
-            # Masking by shape, not by optimizer type: momentum, exp_avg, exp_avg_sq, ... alike.
-            for value in self.optimizer.state.get(p, {}).values():
-                if isinstance(value, Tensor) and value.shape == p.shape:
-                    tensors.append(value)
-                    masks.append(m)
-        with torch.no_grad():
-            torch._foreach_mul_(tensors, masks)
+        masking.mask_weights_(self.params, self._factors, self.optimizer.state)
 
     # -- mask changes (methods call these) ------------------------------------------------------
     def set_masks(
@@ -330,23 +319,12 @@ class MaskManager:
         Args:
             where: per managed tensor, a bool mask or a tensor of flat indices.
         """
-        for p, w in zip(self.params, where):
-            for value in self.optimizer.state.get(p, {}).values():
-                if isinstance(value, Tensor) and value.shape == p.shape:
-                    if w.dtype == torch.bool:
-                        value.masked_fill_(w, 0)
-                    else:
-                        value.view(-1).index_fill_(0, w, 0)
+        masking.zero_state_(self.params, where, self.optimizer.state)
 
     def reset_optimizer_state_(self) -> None:
         """Zero every optimizer-state tensor shaped like its parameter, for every parameter the
         optimizer holds (managed or not: BatchNorm and biases too); step counters stay."""
-        with torch.no_grad():
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    for value in self.optimizer.state.get(p, {}).values():
-                        if isinstance(value, Tensor) and value.shape == p.shape:
-                            value.zero_()
+        masking.reset_state_(self.optimizer.param_groups, self.optimizer.state)
 
     # -- measurements (host reads: call at log intervals only) ----------------------------------
     def kept(self) -> Tensor:

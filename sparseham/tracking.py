@@ -7,15 +7,9 @@ interval (a weight that flips and flips back within it counts zero). A flip is *
 the weight is inside the mask in force at that update, else **masked** (for STR the implicit mask
 ``|w| > tau``; for AC/DC dense phases the last sparse mask).
 
-State per tracked weight is one ``int8`` code: bits 0-1 hold the sign at the last update plus one
-(0 negative, 1 zero, 2 positive), bits 2-3 the sign at tracker start plus one, bit 4 "has flipped
-at least once". ``per_weight=True`` adds one more byte, a per-weight flip count that saturates at
-127. Counters stay on the device; only :meth:`read` copies them to the host.
-
-The update uses only int8 arithmetic after two comparisons: on CPUs, comparisons, bool sums and
-float/int8 conversions are several times slower than int8 ``*``, ``-``, ``&`` and
-``count_nonzero``, so a flip is found as ``prod * prod - prod != 0`` with
-``prod = sign_before * sign_now`` (it is 2 for ``prod == -1`` and 0 otherwise).
+The kernels and the code each weight keeps (one ``int8``, plus one byte for ``per_weight=True``, a
+flip count that saturates at 127) are in ``sparseham._step.signflip``. Counters stay on the device;
+only :meth:`SignFlipTracker.read` copies them to the host.
 """
 
 from __future__ import annotations
@@ -28,65 +22,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import sharding
-from ._ham_kernels import import_cpp_extension_quietly
+from ._step import signflip
+from ._step.plan import TrackState
 
 __all__ = ["SignFlipTracker"]
-
-_SIGN, _KEEP_HIGH, _EVER = 0b11, 0b11100, 0b10000
-
-
-def _sign(w: Tensor) -> Tensor:
-    """sign(w) as int8, from two comparisons (no float -> int8 conversion)."""
-    return torch.gt(w, 0).view(torch.int8) - torch.lt(w, 0).view(torch.int8)
-
-
-def _flipped(a: Tensor, b: Tensor) -> Tensor:
-    """int8: 2 where the signs ``a`` and ``b`` (in -1, 0, 1) are opposite, else 0."""
-    prod = a * b
-    return prod * prod - prod
-
-
-def _update_layer(w: Tensor, code: Tensor, mask: Tensor | None, hist: Tensor | None) -> Tensor:
-    """Count flips since the stored sign, update ``code`` in place; returns ``[masked, unmasked]``."""
-    now = _sign(w)
-    flip = _flipped((code & _SIGN) - 1, now)
-    total = torch.count_nonzero(flip)
-    unmasked = total if mask is None else torch.count_nonzero(flip * mask.view(torch.int8))
-    code.copy_((code & _KEEP_HIGH) | (now + 1) | (flip * 8))
-    if hist is not None:  # counts in steps of 2 (flip is 0 or 2), saturating at 254
-        hist.add_(flip.view(torch.uint8) * torch.lt(hist, 254).view(torch.uint8))
-    return torch.stack([total - unmasked, unmasked])
-
-
-def _track(w: Tensor, code: Tensor, counts: Tensor, mask: Tensor | None, hist: Tensor | None) -> None:
-    """One layer's update for the compiled paths (``fused=True``, and the one-pass optimizer step
-    of ``sparseham._fused_step``); the same codes and counts as :func:`_update_layer`.
-
-    The callers pass uint8 views of the codes and the mask (made outside the graph): inductor
-    vectorizes uint8 loads and stores, not int8 or bool ones, and a view inside the graph costs a
-    scalar loop. Sums in int32, or int64 for a tensor of 2^31 entries or more.
-    """
-    # Float arithmetic on the small integer codes (exact below 2^24): inductor's CPU code converts
-    # between int8/int32 vectors and float masks slowly; float32 compares, floors and selects are cheap.
-    c = code.to(torch.float32)
-    high = torch.floor(c * 0.25) * 4  # code & _KEEP_HIGH
-    flipped = (c - high - 1) * w < 0  # (stored sign) * w < 0; a NaN w never flips, as _sign's 0
-    now = torch.where(w > 0, 2.0, torch.where(w < 0, 0.0, 1.0))  # sign + 1, NaN -> 1
-    flip = flipped.to(torch.int32)
-    wide = torch.int32 if w.numel() < 2**31 else torch.int64
-    total = flip.sum(dtype=wide)
-    unmasked = total if mask is None else (flip * mask.to(torch.int32)).sum(dtype=wide)
-    counts.add_(torch.stack([total - unmasked, unmasked]))
-    if hist is not None:
-        h = hist.to(torch.int32)
-        hist.copy_(torch.where(h < 254, h + 2 * flip, h).to(torch.uint8))
-    code.copy_((high + now + torch.where(flipped & (c < _EVER), float(_EVER), 0.0)).to(code.dtype))
-
-
-def _update_all(weights, codes, masks, hists, counts) -> None:
-    """Every layer's :func:`_track` as one graph for ``torch.compile`` (``fused=True``)."""
-    for i, (w, code, n) in enumerate(zip(weights, codes, counts)):
-        _track(w, code, n, None if masks is None else masks[i], None if hists is None else hists[i])
 
 
 class SignFlipTracker:
@@ -107,7 +46,6 @@ class SignFlipTracker:
             raise ValueError(f"Invalid interval: {interval}; must be an int >= 1")
         self.interval = interval
         self.fused = fused
-        self._compiled = None
         self.per_weight = per_weight
         self.names: list[str] = []
         self.codes: list[Tensor] = []
@@ -125,7 +63,7 @@ class SignFlipTracker:
         self._like = list(weights) if any(sharding.is_sharded(w) for w in weights) else None
         weights = [sharding.local(w) for w in weights]
         with torch.no_grad():
-            self.codes = [(s + 1) * 5 for s in (_sign(w) for w in weights)]  # (s+1) | (s+1) << 2
+            self.codes = [signflip.start_codes(w) for w in weights]
         self.hists = [torch.zeros_like(c, dtype=torch.uint8) for c in self.codes] if self.per_weight else None
         self.counts = [torch.zeros(2, dtype=torch.int64, device=w.device) for w in weights]
         self.steps = 0
@@ -146,7 +84,7 @@ class SignFlipTracker:
 
         Args:
             compared: the optimizer step already compared them (the one-pass step of
-                ``sparseham._fused_step`` updates ``codes`` and ``counts`` itself); only count the step.
+                ``sparseham._step.one_pass`` updated ``codes`` and ``counts``); only count the step.
         """
         self.steps += 1
         if compared or self.steps % self.interval:
@@ -154,17 +92,23 @@ class SignFlipTracker:
         weights = [sharding.local(w) for w in weights]
         masks = None if masks is None else [sharding.local(m) for m in masks]
         if self.fused:
-            if self._compiled is None:
-                import_cpp_extension_quietly()
-                self._compiled = torch.compile(_update_all, fullgraph=True)
-            u8 = None if masks is None else [m.view(torch.uint8) for m in masks]
-            codes = [c.view(torch.uint8) for c in self.codes]
-            self._compiled(list(weights), codes, u8, self.hists, self.counts)
+            signflip.update_all(weights, self.codes, masks, self.hists, self.counts)
             return
         for i, w in enumerate(weights):
             mask = None if masks is None else masks[i]
             hist = None if self.hists is None else self.hists[i]
-            self.counts[i].add_(_update_layer(w, self.codes[i], mask, hist))
+            self.counts[i].add_(signflip.update_layer(w, self.codes[i], mask, hist))
+
+    def in_pass_states(self, masks: Sequence[Tensor] | None) -> list[TrackState] | None:
+        """The state the next update changes, per layer, for an optimizer step that compares the
+        signs inside its own pass (the one-pass step), split by ``masks``; ``None`` when that
+        cannot stand in for :meth:`update`: not a comparing step, sharded weights, or a subclass
+        with an ``update`` of its own."""
+        if not self.due() or self.sharded or type(self).update is not SignFlipTracker.update:
+            return None
+        return [TrackState(code, counts, None if masks is None else masks[i],
+                           None if self.hists is None else self.hists[i])
+                for i, (code, counts) in enumerate(zip(self.codes, self.counts))]
 
     def counters(self) -> Tensor:
         """Cumulative ``[masked, unmasked]`` flips per layer, shape ``(layers, 2)``, on the device
@@ -182,12 +126,7 @@ class SignFlipTracker:
             with cumulative flip counts, plus ``"hist"`` (counts of weights by flip count) when
             ``per_weight`` is on.
         """
-        per_layer = []
-        for code in self.codes:
-            now, start = (code & _SIGN) - 1, torch.div(code & 0b1100, 4, rounding_mode="floor") - 1
-            per_layer.append(
-                torch.stack([torch.count_nonzero(_flipped(now, start)), torch.count_nonzero(code & _EVER)])
-            )
+        per_layer = [signflip.summary(code) for code in self.codes]
         counts = self._summed(torch.cat([torch.stack(self.counts), torch.stack(per_layer)], dim=1)).tolist()
         out = {}
         for i, name in enumerate(self.names):

@@ -1,4 +1,4 @@
-"""The one-pass step (sparseham._fused_step) against the staged pipeline it replaces.
+"""The one-pass step (sparseham._step.one_pass) against the staged pipeline it replaces.
 
 Two copies of the same model step side by side from identical gradients (no backward pass, so
 tiny weight differences cannot change the gradients): one with ``HAM(fused=False)`` (every stage
@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparseham import HAM, MaskManager, Method, SignFlipTracker, topk_mask, tracking
+from sparseham import HAM, MaskManager, Method, SignFlipTracker, topk_mask
+from sparseham._step import mirror, one_pass, signflip
 
 
 class Net(nn.Module):
@@ -127,8 +128,8 @@ def test_one_pass_equals_the_staged_pipeline(opt_name, case, monkeypatch):
     pair = [_build(opt_name, *case, fused=None), _build(opt_name, *case, fused=False)]
     assert pair[0][1].one_pass_blocker() is None and pair[1][1].one_pass_blocker() == "fused=False"
     staged_codes = []  # the codes the staged tracker update touched
-    update_layer = tracking._update_layer
-    monkeypatch.setattr(tracking, "_update_layer", lambda w, code, *a: staged_codes.append(code) or
+    update_layer = signflip.update_layer
+    monkeypatch.setattr(signflip, "update_layer", lambda w, code, *a: staged_codes.append(code) or
                         update_layer(w, code, *a))
     _run(pair)
     mm1, mm2 = pair[0][2], pair[1][2]
@@ -197,24 +198,47 @@ def test_a_watching_step_hook_gets_the_staged_pipeline():
 
 def test_grouped_one_pass_equals_the_staged_pipeline(monkeypatch):
     """The CUDA layout (one compiled graph over a group's tensors), run here on CPU."""
-    from sparseham import _fused_step
-
-    monkeypatch.setattr(_fused_step, "GROUPED", {"cpu"})
+    monkeypatch.setattr(one_pass, "GROUPED", {"cpu"})
     _run([_build("adamw", 1, 1, 1, 1, fused=None), _build("adamw", 1, 1, 1, 1, fused=False)])
 
 
+def _broken_compile(fn, **kwargs):
+    def fail(*args):
+        raise RuntimeError("no compiler here")
+    return fail
+
+
 def test_a_failed_compile_runs_the_one_pass_step_eagerly(monkeypatch):
-    from sparseham import _fused_step
-
-    def broken(fn, **kwargs):
-        def fail(*args):
-            raise RuntimeError("no compiler here")
-        return fail
-
-    _fused_step._kernel.cache_clear()
-    monkeypatch.setattr(torch, "compile", broken)
+    one_pass.kernel.cache_clear()
+    monkeypatch.setattr(torch, "compile", _broken_compile)
     try:
-        with pytest.warns(UserWarning, match="did not compile .*no compiler here.*runs eagerly"):
+        with pytest.warns(UserWarning, match="one_pass kernel did not compile .*no compiler here.*runs eagerly"):
             _run([_build("sgd", 1, 1, 1, 1, fused=None), _build("sgd", 1, 1, 1, 1, fused=False)])
     finally:
-        _fused_step._kernel.cache_clear()  # the next tests compile again
+        one_pass.kernel.cache_clear()  # the next tests compile again
+
+
+def test_every_compiled_path_falls_back_to_eager(monkeypatch):
+    """HAM(fused=True)'s mirror pass and SignFlipTracker(fused=True) too: same results, one warning."""
+    caches = (mirror.compiled_pass, signflip._compiled_all)
+    for cache in caches:
+        cache.cache_clear()
+    monkeypatch.setattr(torch, "compile", _broken_compile)
+    try:
+        x = [torch.randn(6, 5, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        g = [torch.randn(6, 5, generator=torch.Generator().manual_seed(9 + i)) for i in range(2)]
+        want = [t.clone() for t in x]
+        mirror.ham(want, g, lr=0.1, alpha=20.0, beta=1e-2, clamp=0.02, foreach=False)
+        with pytest.warns(UserWarning, match="mirror_degree_3 kernel did not compile .*HAM.fused=False"):
+            mirror.ham(x, g, lr=0.1, alpha=20.0, beta=1e-2, clamp=0.02, fused=True)
+        torch.testing.assert_close(x, want)
+        trackers = [SignFlipTracker(fused=True), SignFlipTracker()]
+        for t in trackers:
+            t.attach(["a", "b"], [w.clone() for w in want])
+        with pytest.warns(UserWarning, match="signflip kernel did not compile"):
+            for t in trackers:
+                t.update([-w for w in want], [w > 0 for w in want])
+        assert trackers[0].read() == trackers[1].read() and trackers[0].read()["a"]["masked"] > 0
+    finally:
+        for cache in caches:
+            cache.cache_clear()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparseham import HAM, MaskManager, Method, SignFlipTracker, _ham_kernels
+from sparseham import HAM, MaskManager, Method, SignFlipTracker
+from sparseham._step import mirror as _ham_kernels
 
 
 def _tracker(w0, **kw):

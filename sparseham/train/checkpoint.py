@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from sparseham import sharding
+
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
@@ -30,6 +32,9 @@ __all__ = [
     "candidates",
     "rng_state",
     "set_rng_state",
+    "full_tree",
+    "shard_model_state",
+    "shard_optimizer_state",
 ]
 
 LATEST = "checkpoint.pt"
@@ -219,3 +224,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["random"]), None))
     if state["cuda"]:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# -- FSDP2: a checkpoint holds whole tensors; a sharded run gathers and re-shards them ----------
+def full_tree(obj):
+    """``obj`` (nested dicts, lists, tuples) with every sharded tensor gathered whole: a
+    checkpoint's full state dicts. A collective: every rank calls it, in the same order."""
+    if sharding.is_sharded(obj):
+        return obj.full_tensor()
+    if isinstance(obj, dict):
+        return {k: full_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(full_tree(v) for v in obj)
+    return obj
+
+
+def shard_model_state(saved: dict, model) -> dict:
+    """A full model state dict as the shards of ``model``'s own (sharded) entries."""
+    current = model.state_dict()
+    return {k: sharding.local_slice(v, current[k]) if k in current else v for k, v in saved.items()}
+
+
+def shard_optimizer_state(saved: dict, optimizer) -> dict:
+    """A full optimizer state dict with each state tensor shaped like its parameter turned into
+    that parameter's shards (state is keyed by the parameters' order over the param groups)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, entry in saved["state"].items():
+        p = params[index]
+        state[index] = {k: sharding.local_slice(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+                        for k, v in entry.items()}
+    return {**saved, "state": state}

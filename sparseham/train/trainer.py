@@ -135,7 +135,7 @@ class Trainer:
 
     def save(self) -> None:
         # Sharded (FSDP): every rank takes part in gathering full state dicts; rank 0 writes them.
-        state = sharding.full_tree(self.state_dict()) if self.sharded else None
+        state = ckpt.full_tree(self.state_dict()) if self.sharded else None
         if self.dist.is_main:
             ckpt.save_checkpoint(state or self.state_dict(), self.run_dir, keep=self.cfg.checkpoint.keep)
         self.dist.barrier()
@@ -155,8 +155,8 @@ class Trainer:
         self.mm.load_state_dict(state["manager"])  # first: a method may reshape the model (STR)
         model, optimizer = state["model"], state["optimizer"]
         if self.sharded:  # full state dicts, every rank keeps its shards
-            model = sharding.shard_model_state(model, self.model)
-            optimizer = sharding.shard_optimizer_state(optimizer, self.opt)
+            model = ckpt.shard_model_state(model, self.model)
+            optimizer = ckpt.shard_optimizer_state(optimizer, self.opt)
         self.model.load_state_dict(model)
         self.opt.load_state_dict(optimizer)
         self.sched.load_state_dict(state["scheduler"])

@@ -6,8 +6,9 @@ the optimizer state, compare signs. This module is the one place where those sta
 tensor, one compiled function (``torch.compile``: C++ on CPU, Triton on CUDA) reads ``p``, ``g``,
 the optimizer state, the 1-byte mask and the 1-byte sign code once, does every stage in
 registers, and writes ``p``, the state and the code once. The math of each stage stays in its own
-module and is called from here: the mirror factor (``_ham_kernels._mirror_factor``), the tracker
-update (``tracking._track``); the base steps below follow ``torch.optim`` line by line:
+module and is called from here, in the pipeline's order: the mask (:func:`.masking.masked`), the
+base step (below, ``torch.optim`` line by line), the mirror factor (:func:`.mirror.mirror_factor`),
+the mask again, the tracker update (:func:`.signflip.track`):
 
 .. math::
     \text{SGD:}\quad d &= g + \lambda p,\quad b \leftarrow \mu b + (1-\tau) d,\quad
@@ -19,7 +20,7 @@ update (``tracking._track``); the base steps below follow ``torch.optim`` line b
 with ``g`` the masked gradient (what the staged pipeline leaves in ``p.grad``), then the mirror
 step with the same ``g``, then ``p``, ``b``, ``m``, ``v`` times the mask, then the sign code.
 The results equal the staged pipeline's to float rounding (``tests/test_fused_step.py``); the
-exponential is the polynomial of ``_ham_kernels.exp_poly_degree`` where the clamp allows it.
+exponential is the polynomial of :func:`.mirror.exp_poly_degree` where the clamp allows it.
 One difference is visible: ``p.grad`` keeps the unmasked gradient (writing the masked one back
 would be a fifth stream of 4 bytes per weight, and nothing after the step reads it).
 
@@ -32,47 +33,36 @@ reduction loops that recompute the chain, ``benchmarks/one_pass_probe.py``). Eac
 100 us of host time here (dynamo's guards and wrappers). On CUDA (:data:`GROUPED`) a group's
 tensors step in one compiled graph over their layout instead, one host call per group, the floats
 symbolic from their second value. A kernel that fails to compile runs its same Python function
-eagerly, after one warning.
+eagerly, after one warning (:func:`.compile.compile_kernel`).
 
-:func:`unsupported` says when the one-pass step does not apply (then the staged path runs).
+:func:`unsupported` says when the one-pass step does not apply (then the staged path runs);
+:func:`step_group` runs it for one param group, :func:`base_step_only` runs torch's own step for
+the tensors it leaves out.
 """
 
 from __future__ import annotations
 
-import shutil
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import sharding
-from ._ham_kernels import _mirror_factor, import_cpp_extension_quietly
-from .tracking import _track
+from .. import sharding
+from . import masking, mirror, signflip
+from .compile import compile_kernel, has_code_generator
+from .plan import GroupPlan
 
-__all__ = ["Stages", "unsupported"]
-
-
-@dataclass
-class Stages:
-    """The stages :class:`sparseham.MaskManager` hands to the one-pass step, per managed tensor.
-
-    Attributes:
-        masks: parameter -> its bool mask (gradient, weight and state are multiplied by it).
-        track: parameter -> ``(code, counts, mask or None, hist or None)`` of the sign-flip tracker,
-            on the steps the tracker compares (else empty).
-    """
-
-    masks: dict[Tensor, Tensor] = field(default_factory=dict)
-    track: dict[Tensor, tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = field(default_factory=dict)
+__all__ = ["GROUPED", "Spec", "TensorStep", "base_step_only", "flat", "kernel", "scalars", "step_group", "unsupported"]
 
 
 @dataclass(frozen=True)
-class _Spec:
+class Spec:
     """What one compiled function does: one per distinct value (its flags are graph constants)."""
 
     kind: str  # "sgd" or "adam"
@@ -91,7 +81,21 @@ class _Spec:
     hist: bool = False
 
 
-def _base_sgd(p: Tensor, d: Tensor, buf: Tensor | None, hyper, spec: _Spec):
+class TensorStep(NamedTuple):
+    """The arguments of one tensor's compiled step, flat and in the kernel's order."""
+
+    p: Tensor
+    g: Tensor
+    state: list[Tensor | None]  # SGD: [momentum buffer]; Adam: [exp_avg, exp_avg_sq]
+    mask: Tensor | None  # uint8 view of the bool mask
+    track: tuple | None  # (code, counts, mask, hist) of the tracker, uint8 views
+    hits: Tensor | None  # the clamp count, added to
+    norms: Tensor | None  # [L2 norm, max|x| * sqrt(numel)] of the result, written
+    hyper: Tensor | tuple  # the base step's scalars (see _state)
+    ham: Tensor | tuple  # the mirror step's (lr, alpha, beta, clamp)
+
+
+def base_sgd(p: Tensor, d: Tensor, buf: Tensor | None, hyper, spec: Spec):
     lr, momentum, dampening, wd = (hyper[i] for i in range(4))
     if spec.weight_decay:
         d = d + wd * p
@@ -101,7 +105,7 @@ def _base_sgd(p: Tensor, d: Tensor, buf: Tensor | None, hyper, spec: _Spec):
     return p - lr * d, (buf,)
 
 
-def _base_adam(p: Tensor, d: Tensor, m: Tensor, v: Tensor, hyper, spec: _Spec):
+def base_adam(p: Tensor, d: Tensor, m: Tensor, v: Tensor, hyper, spec: Spec):
     lr, step_size, bc2_sqrt, beta1, beta2, eps, wd = (hyper[i] for i in range(7))
     if spec.weight_decay:
         if spec.decoupled:
@@ -113,95 +117,55 @@ def _base_adam(p: Tensor, d: Tensor, m: Tensor, v: Tensor, hyper, spec: _Spec):
     return p - step_size * m / (torch.sqrt(v) / bc2_sqrt + eps), (m, v)
 
 
-def _one_pass(spec: _Spec, p, g, state, mask, track, hits, norms, hyper, ham) -> None:
-    """Every stage on one tensor; writes ``p``, ``state``, the tracker's code and counts, ``hits``
-    and ``norms`` (the result's L2 norm and ``max|x| * sqrt(numel)``, for the norm cap)."""
-    m = mask.to(p.dtype) if spec.masked else None  # a uint8 view of the bool mask
-    if m is not None:
-        g = g * m
-    if spec.kind == "sgd":
-        x, new_state = _base_sgd(p, g, *state, hyper, spec)
+def one_pass(spec: Spec, p, g, state, mask, track, hits, norms, hyper, ham) -> None:
+    """Every stage on one tensor, in the pipeline's order (see the module docstring); writes ``p``,
+    ``state``, the tracker's code and counts, ``hits`` and ``norms``."""
+    if spec.masked:  # stage 2
+        g = masking.masked(g, mask)
+    if spec.kind == "sgd":  # stage 3: the base step ...
+        x, new_state = base_sgd(p, g, *state, hyper, spec)
     else:
-        x, new_state = _base_adam(p, g, *state, hyper, spec)
-    if spec.mirror:
+        x, new_state = base_adam(p, g, *state, hyper, spec)
+    if spec.mirror:  # ... and the mirror step
         lr, alpha, beta, clamp = (ham[i] for i in range(4))
-        factor, hit = _mirror_factor(p if spec.pre_sign else x, g, lr, alpha, beta, clamp, spec.degree)
+        factor, hit = mirror.mirror_factor(p if spec.pre_sign else x, g, lr, alpha, beta, clamp, spec.degree)
         if spec.count:
             hits.add_(hit.sum(dtype=torch.int32 if p.numel() < 2**31 else torch.int64))
         x = x * factor
-    if m is not None:
-        x = x * m
-        new_state = tuple(None if s is None else s * m for s in new_state)
+    if spec.masked:  # stage 4
+        x = masking.masked(x, mask)
+        new_state = tuple(None if s is None else masking.masked(s, mask) for s in new_state)
     p.copy_(x)
     if spec.norm:  # reductions in the same loop: the cap needs no pass of its own to measure
         norms.copy_(torch.stack([torch.sqrt((x * x).sum()), x.abs().amax() * x.numel() ** 0.5]))
     for old, new in zip(state, new_state):
         if old is not None:
             old.copy_(new)
-    if spec.tracked:
+    if spec.tracked:  # stage 5
         code, counts, split, hist = track
-        _track(x, code, counts, split if spec.split else None, hist if spec.hist else None)
+        signflip.track(x, code, counts, split if spec.split else None, hist if spec.hist else None)
 
 
-def _one_pass_group(specs: tuple[_Spec, ...], *args) -> None:
-    """:func:`_one_pass` over several tensors (``args``: one list per argument)."""
+def _one_pass_group(specs: tuple[Spec, ...], *args) -> None:
+    """:func:`one_pass` over several tensors (``args``: one list per argument)."""
     for spec, *per_tensor in zip(specs, *args):
-        _one_pass(spec, *per_tensor)
+        one_pass(spec, *per_tensor)
 
 
 @cache
-def _kernel(specs: tuple[_Spec, ...], grouped: bool) -> Callable:
+def kernel(specs: tuple[Spec, ...], grouped: bool) -> Callable:
     """The compiled step: per tensor (one spec; ``dynamic=True``: any size), or per group of tensors
     (``grouped``; one graph over their layout, the floats symbolic from their second value)."""
     if grouped:
-        def one_pass(*args):
+        def step(*args):
             _one_pass_group(specs, *args)
     else:
         (spec,) = specs
 
-        def one_pass(*args):
-            _one_pass(spec, *args)
-
-    # Dynamo keeps its graphs and its recompile limit per code object: one per kernel (numbered in
-    # the order of first use, so logs name them alike from run to run).
-    number = _kernel.cache_info().currsize
-    one_pass.__code__ = one_pass.__code__.replace(co_name=f"one_pass_{number}{'_grouped' if grouped else ''}")
-    import_cpp_extension_quietly()
-    compiled = torch.compile(one_pass, fullgraph=True, dynamic=None if grouped else True)
-    return _EagerOnFailure(compiled, one_pass)
-
-
-class _EagerOnFailure:
-    """The compiled function; if its first call fails (no working compiler, a backend error), the
-    same Python function runs eagerly from then on, after one warning: same results, slower."""
-
-    def __init__(self, compiled: Callable, eager: Callable) -> None:
-        self.fn, self.eager, self.tried = compiled, eager, False
-
-    def __call__(self, *args) -> None:
-        if self.tried:
-            return self.fn(*args)
-        try:
-            self.fn(*args)
-        except Exception as err:  # noqa: BLE001 - any compiler failure; a real bug fails again eagerly
-            warnings.warn(f"the one-pass step did not compile ({type(err).__name__}: {str(err)[:200]}); "
-                          "it runs eagerly (slower; ham.fused: false runs the staged foreach path)",
-                          stacklevel=4)
-            self.fn = self.eager
-            self.fn(*args)
-        self.tried = True
-
-
-@cache
-def _compiler_for(device_type: str) -> bool:
-    """Whether ``torch.compile`` can generate code here: a C++ compiler on CPU, Triton on CUDA."""
-    if device_type == "cpu":
-        return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-    if device_type == "cuda":
-        from torch.utils._triton import has_triton
-
-        return has_triton()
-    return False
+        def step(*args):
+            one_pass(spec, *args)
+    return compile_kernel(step, "one_pass_grouped" if grouped else "one_pass", dynamic=None if grouped else True,
+                          fallback="ham.fused: false runs the staged foreach path")
 
 
 _DENSE_KINDS = {SGD: "sgd", Adam: "adam", AdamW: "adam"}
@@ -243,9 +207,23 @@ def unsupported(base: Optimizer) -> str | None:
             if (g.is_sparse or not p.is_floating_point() or g.dtype != p.dtype or not p.is_contiguous()
                     or not g.is_contiguous() or g.device != p.device):
                 return "a sparse, non-float or non-contiguous tensor or gradient"
-            if not _compiler_for(p.device.type):
+            if not has_code_generator(p.device.type):
                 return f"no code generator for {p.device.type}"
     return None
+
+
+@contextmanager
+def base_step_only(base: Optimizer, params: Sequence[Tensor]) -> Iterator[None]:
+    """Within the block, ``base.step()`` steps exactly ``params`` (torch's own step, for the
+    tensors the one-pass step leaves out): the base optimizer sees param groups holding only them.
+    Its state is keyed by parameter, so the state of the others is untouched."""
+    keep = {id(p) for p in params}
+    groups = base.param_groups
+    base.param_groups = [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in groups]
+    try:
+        yield
+    finally:
+        base.param_groups = groups
 
 
 def _state(base: Optimizer, p: Tensor, group: dict) -> tuple[list[Tensor | None], tuple[float, ...]]:
@@ -274,7 +252,7 @@ def _state(base: Optimizer, p: Tensor, group: dict) -> tuple[list[Tensor | None]
     return [state["exp_avg"], state["exp_avg_sq"]], scalars
 
 
-def _flat(t: Tensor | None) -> Tensor | None:
+def flat(t: Tensor | None) -> Tensor | None:
     """A 1-D view; bool and int8 as uint8 (inductor vectorizes uint8 loads, not bool or int8 ones)."""
     if t is None:
         return None
@@ -282,7 +260,7 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return t.view(torch.uint8) if t.dtype in (torch.bool, torch.int8) else t
 
 
-def _scalars(values: tuple, device: torch.device) -> Tensor | tuple[float, ...]:
+def scalars(values: tuple, device: torch.device) -> Tensor | tuple[float, ...]:
     """The step's hyperparameters as the compiled function takes them. On CPU one float64 tensor:
     dynamo turns each Python float into a tensor of its own (5 us each, 10 per call). Elsewhere
     floats (inductor passes them to the Triton kernel as arguments); floats throughout, since an
@@ -292,70 +270,63 @@ def _scalars(values: tuple, device: torch.device) -> Tensor | tuple[float, ...]:
     return tuple(map(float, values))
 
 
-def step_group(base: Optimizer, group: dict, params: list[Tensor], *, mirrored: set[Tensor],
-               ham: tuple | None, pre_sign: bool, degree: int | None, count: bool, cap: bool,
-               stages: Stages | None) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:
+def _spec(kind: str, p: Tensor, state: list, group: dict, decoupled: bool, plan: GroupPlan) -> Spec:
+    mirrored = plan.mirror is not None and p in plan.mirrored
+    tracked = plan.stages.track.get(p)
+    return Spec(
+        kind,
+        momentum=state[0] is not None,
+        nesterov=bool(group.get("nesterov")),
+        weight_decay=group["weight_decay"] != 0,
+        decoupled=decoupled,
+        mirror=mirrored,
+        pre_sign=mirrored and plan.pre_sign,
+        degree=plan.degree if mirrored and p.dtype == torch.float32 else None,
+        count=mirrored and plan.count,
+        norm=mirrored and plan.cap and p.numel() > 0,
+        masked=p in plan.stages.masks,
+        tracked=tracked is not None,
+        split=tracked is not None and tracked.mask is not None,
+        hist=tracked is not None and tracked.hist is not None,
+    )
+
+
+def step_group(base: Optimizer, group: dict, params: list[Tensor],
+               plan: GroupPlan) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:
     """The one-pass step of ``params`` (with gradients) of one param group of ``base``, in place.
 
-    Args:
-        mirrored: the tensors that get the mirror step (HAM's ``min_ndim``), with ``ham`` its
-            ``(lr, alpha, beta, clamp)`` for this group or ``None`` (base step only).
-        pre_sign, degree: HAM's ``sign="pre_step"``, and the polynomial exp's degree for its clamp.
-        count: count the entries whose exponent reaches the clamp.
-        cap: measure the mirrored tensors for the norm cap.
-        stages: masks and tracker state for the managed tensors, from the MaskManager.
-
     Returns:
-        For each mirrored tensor that stepped: with ``count``, its clamp count; with ``cap``, its
-        norm and overflow bound (2 entries); device tensors.
+        For each mirrored tensor that stepped: with ``plan.count``, its clamp count; with
+        ``plan.cap``, its norm and overflow bound (2 entries); device tensors.
     """
     kind = _DENSE_KINDS[type(base)]
     decoupled = isinstance(base, AdamW) or bool(group.get("decoupled_weight_decay"))
-    masks = stages.masks if stages is not None else {}
-    track = stages.track if stages is not None else {}
     hits: dict[Tensor, Tensor] = {}
     norms: dict[Tensor, Tensor] = {}
     grouped: dict[torch.device, list] = {}  # GROUPED devices: (spec, arguments) per tensor, one call each
     scalars_on: dict[tuple, Tensor | tuple] = {}  # hyperparameters, once per (values, device)
+    ham = tuple(plan.mirror) if plan.mirror is not None else ()
     for p in params:
-        state, scalars = _state(base, p, group)
-        mirror = ham is not None and p in mirrored
-        mask, tracked = masks.get(p), track.get(p)
-        spec = _Spec(
-            kind,
-            momentum=state[0] is not None,
-            nesterov=bool(group.get("nesterov")),
-            weight_decay=group["weight_decay"] != 0,
-            decoupled=decoupled,
-            mirror=mirror,
-            pre_sign=mirror and pre_sign,
-            degree=degree if mirror and p.dtype == torch.float32 else None,
-            count=mirror and count,
-            norm=mirror and cap and p.numel() > 0,
-            masked=mask is not None,
-            tracked=tracked is not None,
-            split=tracked is not None and tracked[2] is not None,
-            hist=tracked is not None and tracked[3] is not None,
-        )
-        n = torch.zeros((), dtype=torch.int64, device=p.device) if spec.count else None
-        nm = torch.empty(2, dtype=p.dtype, device=p.device) if spec.norm else None
-        if n is not None:
-            hits[p] = n
-        if nm is not None:
-            norms[p] = nm
+        state, base_scalars = _state(base, p, group)
+        spec = _spec(kind, p, state, group, decoupled, plan)
+        if spec.count:
+            hits[p] = torch.zeros((), dtype=torch.int64, device=p.device)
+        if spec.norm:
+            norms[p] = torch.empty(2, dtype=p.dtype, device=p.device)
+        tracked = plan.stages.track.get(p)
         if tracked is not None:
-            code, counts, split, hist = tracked
-            tracked = (_flat(code), counts, _flat(split), _flat(hist))
-        for values in (scalars, ham or ()):
+            tracked = (flat(tracked.code), tracked.counts, flat(tracked.mask), flat(tracked.hist))
+        for values in (base_scalars, ham):
             if (values, p.device) not in scalars_on:
-                scalars_on[values, p.device] = _scalars(values, p.device)
-        args = (_flat(p), _flat(p.grad), [_flat(t) for t in state], _flat(mask), tracked, n, nm,
-                scalars_on[scalars, p.device], scalars_on[ham or (), p.device])
+                scalars_on[values, p.device] = scalars(values, p.device)
+        args = TensorStep(flat(p), flat(p.grad), [flat(t) for t in state], flat(plan.stages.masks.get(p)),
+                          tracked, hits.get(p), norms.get(p), scalars_on[base_scalars, p.device],
+                          scalars_on[ham, p.device])
         if p.device.type in GROUPED:
             grouped.setdefault(p.device, []).append((spec, args))
         else:
-            _kernel((spec,), False)(*args)
+            kernel((spec,), False)(*args)
     for todo in grouped.values():
         specs, per_tensor = zip(*todo)
-        _kernel(specs, True)(*(list(a) for a in zip(*per_tensor)))
+        kernel(specs, True)(*(list(a) for a in zip(*per_tensor)))
     return hits, norms

@@ -1,4 +1,4 @@
-"""The kernels of the mirror step: a for-loop, a foreach and a fused (compiled) implementation.
+"""The mirror step's kernels: a for-loop, a foreach and a fused (compiled) one, and the norm cap.
 
 Each kernel updates the parameters in place and returns, per tensor, two device tensors for the
 diagnostics: how many entries' exponents reached the clamp (with ``count``; else ``[]``), and
@@ -19,7 +19,6 @@ degree 3 took 3.4x one ``_foreach_exp_`` over 12M float32 entries.
 
 from __future__ import annotations
 
-import logging
 import math
 import struct
 from collections.abc import Callable
@@ -29,7 +28,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["HOST_READS_FREE", "ULP", "cap_norms_", "exp_poly_degree", "exp_poly_error_bound", "rescale_"]
+from .compile import compile_kernel
+
+__all__ = ["HOST_READS_FREE", "ULP", "cap_norms_", "exp_poly", "exp_poly_degree", "exp_poly_error_bound", "ham",
+           "compiled_pass", "mirror_factor", "rescale_"]
 
 Counts = tuple[list[Tensor], list[Tensor]]  # (clamped entries, capped flag) per tensor
 
@@ -49,7 +51,7 @@ def _f32(x: float) -> float:
 
 
 def exp_poly_error_bound(clamp: float, degree: int) -> float:
-    """A bound on the relative error of :func:`_exp_poly` in float32 against ``exp``, on ``[-clamp, clamp]``.
+    """A bound on the relative error of :func:`exp_poly` in float32 against ``exp``, on ``[-clamp, clamp]``.
 
     A running error analysis of Horner's rule ``t_k = a_k + e * t_{k+1}`` (``t_n = a_n``), with
     ``a_k = 1/k!`` rounded to float32, every product and sum rounded to nearest (relative error
@@ -93,7 +95,7 @@ def exp_poly_degree(clamp: float) -> int | None:
     return next((n for n in range(1, _MAX_DEGREE + 1) if exp_poly_error_bound(clamp, n) <= 2 * ULP), None)
 
 
-def _exp_poly(e: Tensor, degree: int) -> Tensor:
+def exp_poly(e: Tensor, degree: int) -> Tensor:
     """``1 + e*(1 + e*(1/2 + e*(1/6 + ...)))`` to ``e^degree / degree!``, in ``e``'s dtype."""
     t = _INV_FACTORIAL[degree]
     for k in range(degree - 1, -1, -1):
@@ -101,9 +103,9 @@ def _exp_poly(e: Tensor, degree: int) -> Tensor:
     return t
 
 
-def _mirror_factor(s: Tensor, g: Tensor, lr, alpha, beta, clamp, degree: int | None) -> tuple[Tensor, Tensor]:
+def mirror_factor(s: Tensor, g: Tensor, lr, alpha, beta, clamp, degree: int | None) -> tuple[Tensor, Tensor]:
     """The mirror step's factor ``exp(clamp(-lr*(alpha*sign(s)*g + beta)))`` on one tensor, for
-    the compiled kernels (this one and ``sparseham._fused_step``); also where the clamp was reached."""
+    the compiled kernels (this module's and :mod:`.one_pass`'s); also where the clamp was reached."""
     e = torch.sign(s) * g * (-lr * alpha) - lr * beta
     # NaN -> 0 (the clamp handles +-inf); a where() compiles to a vector select, nan_to_num
     # to a scalar loop.
@@ -111,49 +113,29 @@ def _mirror_factor(s: Tensor, g: Tensor, lr, alpha, beta, clamp, degree: int | N
     hit = e.abs() >= clamp
     e = torch.clamp(e, -clamp, clamp)
     # The degree is chosen for float32; float64 (and half types) keep exp.
-    return (_exp_poly(e, degree) if degree is not None and s.dtype == torch.float32 else torch.exp(e)), hit
+    return (exp_poly(e, degree) if degree is not None and s.dtype == torch.float32 else torch.exp(e)), hit
 
 
 def _ham_pass(params, grads, signs, lr: float, alpha: float, beta: float, clamp: float,
               count: bool, degree: int | None = None) -> list[Tensor]:
     hits = []
     for p, g, s in zip(params, grads, signs):
-        factor, hit = _mirror_factor(s, g, lr, alpha, beta, clamp, degree)
+        factor, hit = mirror_factor(s, g, lr, alpha, beta, clamp, degree)
         if count:
             hits.append(hit.sum())  # a reduction in the same loop as the update
         p.mul_(factor)
     return hits
 
 
-def import_cpp_extension_quietly() -> None:
-    """Inductor's CPU code generation imports ``torch.utils.cpp_extension``, which warns on a CUDA
-    build of torch without a CUDA runtime ("No CUDA runtime is found"): on every CPU-only machine,
-    a stray line on stderr at the first step. Import it with that warning silenced."""
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        import torch.utils.cpp_extension  # noqa: F401
-    finally:
-        log.setLevel(level)
-
-
-_compiled: dict[int | None, Callable] = {}
-
-
-def _compiled_pass(degree: int | None) -> Callable:
+@cache
+def compiled_pass(degree: int | None) -> Callable:
     """``_ham_pass`` compiled with ``degree`` as a closure constant: an int argument would turn
     symbolic at its second value, as ``lr`` does, and the Horner loop needs a Python int."""
-    if degree not in _compiled:
-        def ham_pass(params, grads, signs, lr, alpha, beta, clamp, count):
-            return _ham_pass(params, grads, signs, lr, alpha, beta, clamp, count, degree)
+    def ham_pass(params, grads, signs, lr, alpha, beta, clamp, count):
+        return _ham_pass(params, grads, signs, lr, alpha, beta, clamp, count, degree)
 
-        # Dynamo keeps its graphs, and its recompile limit (fatal under fullgraph), per code object:
-        # one per degree, so a second clamp in the process costs no entries of the first's.
-        ham_pass.__code__ = ham_pass.__code__.replace(co_name=f"ham_pass_degree_{degree}")
-        import_cpp_extension_quietly()
-        _compiled[degree] = torch.compile(ham_pass, fullgraph=True, dynamic=None)
-    return _compiled[degree]
+    return compile_kernel(ham_pass, f"mirror_degree_{degree}", dynamic=None,
+                          fallback="HAM(fused=False) runs the foreach path")
 
 
 def _fused_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm, count=True) -> Counts:
@@ -162,7 +144,7 @@ def _fused_ham(params, grads, signs, *, lr, alpha, beta, clamp, max_norm, count=
     The norm cap runs after it as the eager foreach ``cap_norms_``: compiled into the same graph,
     inductor's CPU code for the two reductions cost about 4x an SGD step, the eager version 0.6x.
     """
-    compiled = _compiled_pass(exp_poly_degree(float(clamp)))
+    compiled = compiled_pass(exp_poly_degree(float(clamp)))
     hits = compiled(params, grads, signs, lr, float(alpha), float(beta), float(clamp), count)
     return list(hits), _cap_grouped(params, max_norm)
 
@@ -244,3 +226,43 @@ def rescale_(tensors: list[Tensor], norms: Tensor, peaks: Tensor, max_norm: floa
     else:
         torch._foreach_mul_(tensors, list(scale.to(tensors[0].dtype).unbind()))
     return list(capped.long().unbind())
+
+
+def ham(
+    params: list[Tensor],
+    grads: list[Tensor],
+    signs: list[Tensor] | None = None,
+    *,
+    lr: float | Tensor,
+    alpha: float,
+    beta: float,
+    clamp: float = 0.02,
+    max_norm: float | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    count: bool = True,
+) -> tuple[list[Tensor], list[Tensor]]:
+    r"""Functional mirror step, in place: ``p *= exp(clamp(-lr*(alpha*sign(s)*g + beta), -c, c))``.
+
+    Args:
+        params: tensors after the base step (:math:`x_{k+1/2}`), updated in place.
+        grads: the raw gradients :math:`\nabla f(x_k)`.
+        signs: the tensors whose sign is used (``None``: ``params`` themselves, HYP*).
+        lr, alpha, beta, clamp, max_norm: see :class:`sparseham.HAM`.
+        foreach, fused: implementation choice; the default is foreach.
+        count: also count the entries whose exponent reaches the clamp.
+
+    Returns:
+        Per tensor, on its device: the number of entries whose exponent reached the clamp, and
+        (with ``max_norm``) whether the norm cap rescaled the tensor; ``[]`` without ``max_norm``.
+    """
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if signs is None:
+        signs = params
+    hyper = {"lr": lr, "alpha": alpha, "beta": beta, "clamp": clamp, "max_norm": max_norm, "count": count}
+    if fused:
+        return _fused_ham(params, grads, signs, **hyper)
+    if foreach is False:
+        return _single_tensor_ham(params, grads, signs, **hyper)
+    return _multi_tensor_ham(params, grads, signs, **hyper)
