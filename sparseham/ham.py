@@ -285,7 +285,7 @@ class HAM(Optimizer):
         for group in self.param_groups:
             alpha, beta = group[key_a], group[key_b]
             mirror = None if alpha == 0 and beta == 0 else Mirror(group["lr"], alpha, beta, self.clamp)
-            mirrored = frozenset(p for p in self._mirrored(group) if p.grad is not None) if mirror else frozenset()
+            mirrored = frozenset(p for p in self._mirrored(group) if mirror and p.grad is not None)
             stepped = [p for p in group["params"] if p.grad is not None]
             fused = [p for p in stepped if p in mirrored or id(p) in managed]
             rest += [p for p in stepped if not (p in mirrored or id(p) in managed)]

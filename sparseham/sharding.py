@@ -28,7 +28,8 @@ try:
 except ImportError:  # a torch without DTensor: nothing is ever sharded
     DTensor = ()  # type: ignore[assignment,misc]
 
-__all__ = ["flat_offset", "full", "is_sharded", "local", "local_slice", "stack_counts", "sum_over_ranks", "wrap"]
+__all__ = ["flat_offset", "full", "is_sharded", "local", "local_slice", "stack_counts", "sum_over_ranks",
+           "wrap"]
 
 
 def is_sharded(t: object) -> bool:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sparseham.ham import ham
 from sparseham._step.mirror import ULP, exp_poly_degree, exp_poly_error_bound
 from sparseham._step.mirror import exp_poly as _exp_poly
+from sparseham.ham import ham
 
 TWO_ULP = 2 * ULP  # 2^-23 relative: the ulp is float32's unit roundoff 2^-24
 CLAMPS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)

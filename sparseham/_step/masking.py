@@ -55,7 +55,8 @@ def mask_weights_(params: Sequence[Tensor], factors: Sequence[Tensor],
     torch._foreach_mul_(tensors, masks)
 
 
-def zero_state_(params: Sequence[Tensor], where: Sequence[Tensor], state: Mapping[Tensor, dict[str, Any]]) -> None:
+def zero_state_(params: Sequence[Tensor], where: Sequence[Tensor],
+                state: Mapping[Tensor, dict[str, Any]]) -> None:
     """Zero the optimizer-state entries at ``where`` (per tensor a bool mask or flat indices)."""
     for p, w in zip(params, where):
         for value in state_like(p, state):

@@ -30,8 +30,8 @@ from torch.optim import Optimizer
 
 from .compile import compile_kernel
 
-__all__ = ["HOST_READS_FREE", "ULP", "cap_norms_", "exp_poly", "exp_poly_degree", "exp_poly_error_bound", "ham",
-           "compiled_pass", "mirror_factor", "rescale_"]
+__all__ = ["HOST_READS_FREE", "ULP", "cap_norms_", "compiled_pass", "exp_poly", "exp_poly_degree",
+           "exp_poly_error_bound", "ham", "mirror_factor", "rescale_"]
 
 Counts = tuple[list[Tensor], list[Tensor]]  # (clamped entries, capped flag) per tensor
 

@@ -58,7 +58,8 @@ from . import masking, mirror, signflip
 from .compile import compile_kernel, has_code_generator
 from .plan import GroupPlan
 
-__all__ = ["GROUPED", "Spec", "TensorStep", "base_step_only", "flat", "kernel", "scalars", "step_group", "unsupported"]
+__all__ = ["GROUPED", "Spec", "TensorStep", "base_step_only", "flat", "kernel", "scalars", "step_group",
+           "unsupported"]
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ def kernel(specs: tuple[Spec, ...], grouped: bool) -> Callable:
 
         def step(*args):
             one_pass(spec, *args)
-    return compile_kernel(step, "one_pass_grouped" if grouped else "one_pass", dynamic=None if grouped else True,
+    name = "one_pass_grouped" if grouped else "one_pass"
+    return compile_kernel(step, name, dynamic=None if grouped else True,
                           fallback="ham.fused: false runs the staged foreach path")
 
 
