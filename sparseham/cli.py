@@ -44,8 +44,10 @@ _TRAIN_DOC = """Train a sparse model from a YAML config.
 Re-running the same command on the same directory resumes from its last checkpoint; a finished
 run says so and exits 0. Bad configs and data problems exit with status 2 and one line on stderr;
 a non-finite loss (``train.on_nonfinite: stop``), an unreadable or unwritable checkpoint, a full or
-unwritable run directory and a broken mask invariant exit with status 1 and one line. SIGTERM and
-SIGINT write a checkpoint and exit with 128 + the signal number.
+unwritable run directory and a broken mask invariant exit with status 1 and one line. Any other error during
+training is a bug: its traceback, status 1, a ``crash`` record in ``metrics.jsonl``, and the last
+checkpoint stays as it was. SIGTERM and SIGINT write a checkpoint and exit with 128 + the signal
+number.
 """
 
 
@@ -119,6 +121,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from sparseham.config import ConfigError, dump_config, help_text, load_config
     from sparseham.data import DataError
     from sparseham.masks import MaskInvariantError
+    from sparseham.train import SetupError
     from sparseham.train.checkpoint import CheckpointError
 
     parser = _train_parser()
@@ -144,7 +147,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
         out = Path(args.out) if args.out else Path(cfg.experiment.out_dir) / cfg.experiment.name
         return run(cfg, out, force=args.force)
-    except (ConfigError, DataError, ValueError) as e:
+    except (ConfigError, DataError, SetupError) as e:  # bad input; an error during training is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, MaskInvariantError) as e:

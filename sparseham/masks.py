@@ -66,7 +66,9 @@ class MaskManager:
 
     Args:
         model: the model (a DDP wrapper is unwrapped).
-        optimizer: the optimizer that steps the model, usually a :class:`sparseham.HAM`.
+        optimizer: the optimizer that steps the model, usually a :class:`sparseham.HAM`; ``None``
+            to prune without training (one-shot pruning: the masks are set and applied, and
+            :meth:`step` refuses).
         method: a :class:`sparseham.method.Method` instance, e.g. ``methods.get("rigl")(target=0.9)``.
         tracker: an optional :class:`sparseham.SignFlipTracker`.
         include, exclude: glob patterns over parameter names (see :func:`prunable_parameters`).
@@ -84,7 +86,7 @@ class MaskManager:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         method: Method,
         tracker: Any = None,
         include: Iterable[str] | None = None,
@@ -114,12 +116,13 @@ class MaskManager:
         self.step_count = 0
         self.mask_events: list[dict[str, Any]] = []
         self.phase: str | None = None
-        self._inside = self._stepped = self._warned = False
+        self._inside = self._stepped = self._warned = self._warned_nonfinite = False
         #: Whether the last :meth:`step` was a topology-only iteration (RigL's reference update):
         #: an LR scheduler that follows optimizer steps should not step after it.
         self.topology_only = False
-        optimizer.register_step_pre_hook(self._before_optimizer_step)
-        optimizer.register_step_post_hook(self._after_optimizer_step)
+        if optimizer is not None:
+            optimizer.register_step_pre_hook(self._before_optimizer_step)
+            optimizer.register_step_post_hook(self._after_optimizer_step)
         # Masks wait (see the module docstring) when the weights arrive sparse: one host read, here.
         zeros = sum(int(p.numel() - torch.count_nonzero(p)) for p in self.params)
         self._pending = zeros > _ALREADY_SPARSE * sum(p.numel() for p in self.params)
@@ -171,6 +174,9 @@ class MaskManager:
         Returns:
             The closure's loss, or ``None``.
         """
+        if self.optimizer is None:
+            raise RuntimeError("MaskManager.step(): this manager was built without an optimizer (for "
+                               "pruning only); build it with the optimizer that trains the model")
         if isinstance(closure, torch.amp.GradScaler):
             closure, scaler = None, closure
         loss = None
@@ -264,6 +270,9 @@ class MaskManager:
 
         return masked
 
+    def _state(self) -> dict:
+        return {} if self.optimizer is None else self.optimizer.state
+
     def _refresh_factors(self) -> None:
         self._factors = None  # free the old factors before building the new ones
         self._factors = None if self.masks is None else masking.factors(self.masks, self.params)
@@ -274,7 +283,7 @@ class MaskManager:
 
     def apply_masks_(self) -> None:
         """Zero pruned weights and every optimizer-state tensor shaped like its weight."""
-        masking.mask_weights_(self.params, self._factors, self.optimizer.state)
+        masking.mask_weights_(self.params, self._factors, self._state())
 
     # -- mask changes (methods call these) ------------------------------------------------------
     def set_masks(
@@ -319,12 +328,13 @@ class MaskManager:
         Args:
             where: per managed tensor, a bool mask or a tensor of flat indices.
         """
-        masking.zero_state_(self.params, where, self.optimizer.state)
+        masking.zero_state_(self.params, where, self._state())
 
     def reset_optimizer_state_(self) -> None:
         """Zero every optimizer-state tensor shaped like its parameter, for every parameter the
         optimizer holds (managed or not: BatchNorm and biases too); step counters stay."""
-        masking.reset_state_(self.optimizer.param_groups, self.optimizer.state)
+        if self.optimizer is not None:
+            masking.reset_state_(self.optimizer.param_groups, self.optimizer.state)
 
     # -- measurements (host reads: call at log intervals only) ----------------------------------
     def kept(self) -> Tensor:
@@ -344,27 +354,59 @@ class MaskManager:
         nonzero = sharding.stack_counts([torch.count_nonzero(w) for w in weights])
         return torch.tensor([w.numel() for w in weights], device=nonzero.device) - nonzero
 
+    def nonfinite(self) -> Tensor:
+        """Per-layer count of managed weights that are NaN or inf, as one device tensor."""
+        return sharding.stack_counts([torch.count_nonzero(~torch.isfinite(p)) for p in self.params])
+
+    def _nonfinite_message(self, counts: Sequence[int]) -> str | None:
+        bad = [(n, c, p.numel()) for n, c, p in zip(self.names, counts, self.params) if c]
+        if not bad:
+            return None
+        name, count, numel = bad[0]
+        more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+        return (f"{name}: {count} of {numel} weights are NaN or inf{more}, from a non-finite loss or "
+                "gradient, not from the masks; lower the learning rate, clip the gradients, or skip "
+                "non-finite steps (a GradScaler does)")
+
+    def _kept_checked(self) -> list[int]:
+        """Per-layer kept counts, read with the non-finite counts in one host read; a warning
+        names the first layer holding NaN or inf (weights or masks no longer mean what they say)."""
+        n = len(self.params)
+        both = torch.cat([self.kept(), self.nonfinite().to(torch.int64)]).tolist()
+        message = self._nonfinite_message(both[n:])
+        if message is not None and not self._warned_nonfinite:
+            warnings.warn(message, stacklevel=3)
+        self._warned_nonfinite = message is not None
+        return both[:n]
+
     def layer_sparsity(self) -> dict[str, float]:
-        """Achieved sparsity of each managed tensor, ``1 - kept / numel`` (reads the device)."""
-        kept = self.kept().tolist()
+        """Achieved sparsity of each managed tensor, ``1 - kept / numel`` (reads the device; warns
+        once when a layer holds NaN or inf)."""
+        kept = self._kept_checked()
         return {n: 1.0 - k / p.numel() for n, k, p in zip(self.names, kept, self.params)}
 
     def sparsity(self) -> float:
-        """Achieved sparsity over all managed weights (reads the device)."""
+        """Achieved sparsity over all managed weights (reads the device; warns once when a layer
+        holds NaN or inf)."""
         total = sum(p.numel() for p in self.params)
-        return 1.0 - float(self.kept().sum()) / total
+        return 1.0 - sum(self._kept_checked()) / total
 
     def verify(self) -> None:
         """Check masks against the method's counts and that pruned weights are zero.
 
         One device reduction; call it at log intervals, not per step. Raises
-        :class:`MaskInvariantError` on any mismatch.
+        :class:`MaskInvariantError` on any mismatch, and first when a managed weight is NaN or
+        inf (then nothing about the masks can be checked, and they are not the cause).
         """
         if self.masks is None or not self.method.masking:
             return
         kept = [torch.count_nonzero(m) for m in self.masks]
         leaked = [torch.count_nonzero(p * ~m) for p, m in zip(self.params, self.masks)]
-        kept, leaked = sharding.stack_counts(kept + leaked).view(2, -1).tolist()
+        bad = [torch.count_nonzero(~torch.isfinite(p)) for p in self.params]
+        kept, leaked, bad = sharding.stack_counts(kept + leaked + bad).view(3, -1).tolist()
+        message = self._nonfinite_message(bad)
+        if message is not None:
+            raise MaskInvariantError(message)
         want = self.expected if self.expected is not None else kept
         if isinstance(want, int):
             if sum(kept) != want:

@@ -253,3 +253,43 @@ def test_command_line_usage_errors_are_one_line(tmp_path, capsys, argv, message)
     _, err = capsys.readouterr()
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+_CRASHING_STEP = """
+import sys
+from sparseham.cli import main
+from sparseham.masks import MaskManager
+
+step = MaskManager.step
+
+
+def crash(self, *args, **kwargs):  # a bug deep in the step, on the 3rd one
+    if self.step_count == 2:
+        raise ValueError("a bug in a method")
+    return step(self, *args, **kwargs)
+
+
+MaskManager.step = crash
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_error_during_training_is_a_bug_not_bad_input(tmp_path):
+    """A ValueError inside a training step keeps its traceback and exits 1 (with a crash record,
+    the last checkpoint intact); a bad config still exits 2 with one line."""
+    script = tmp_path / "crash.py"
+    script.write_text(_CRASHING_STEP)
+    sets = ["data.dataset=synthetic", "model.name=lenet300", "train.max_steps=6", "checkpoint.every=2",
+            "logging.tensorboard=false", "logging.log_every=1"]
+    proc = subprocess.run([sys.executable, str(script), "train", "--config", "default", "--set", *sets,
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr and "ValueError: a bug in a method" in proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "crash" and records[-1]["error"] == "ValueError: a bug in a method"
+    from sparseham.train.checkpoint import load_checkpoint
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    bad = subprocess.run([sys.executable, str(script), "train", "--config", "default", "--set",
+                          "sparsity.target=1.5", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -93,6 +93,7 @@ def test_inference_quick(tmp_path, monkeypatch):
         assert report["cuda"] == {"skipped": "no CUDA device"}
 
 
+@pytest.mark.compiled
 def test_pipeline_step_quick(tmp_path, monkeypatch):
     (result,) = run_script("pipeline_step", tmp_path, monkeypatch)["results"]
     assert result["tensors"] == 2 and result["numel"] == 64 * 16 * 9 + 128 * 64
@@ -104,6 +105,7 @@ def test_pipeline_step_quick(tmp_path, monkeypatch):
     assert all(s["n"] == 2 for s in result["seconds"].values())
 
 
+@pytest.mark.compiled
 def test_one_pass_probe_quick(tmp_path, monkeypatch):
     (result,) = run_script("one_pass_probe", tmp_path, monkeypatch)["results"]
     assert result["tensors"] == 2 and result["counts_identical"]  # compiled == eager transcription

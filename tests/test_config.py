@@ -499,3 +499,31 @@ def test_fuzz_overrides(text):
     except ConfigError:
         pass
     _accepts_or_config_error({"sparsity": {"method": "cfgtoy", "target": 0.5}}, [text])
+
+
+def test_config_defaults_are_the_constructors_defaults():
+    """One home for a default: every config key that feeds a constructor argument of the same name
+    has that argument's default (HAM, its functional, the tracker, SAM)."""
+    import dataclasses
+    import inspect
+
+    from sparseham import HAM, SAM, SignFlipTracker
+    from sparseham.config.schema import HamConfig, SamConfig, TrackingConfig
+    from sparseham.ham import ham
+
+    def defaults(fn):
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    pairs = [(HamConfig, HAM), (TrackingConfig, SignFlipTracker), (SamConfig, SAM)]
+    checked = 0
+    for section, target in pairs:
+        wanted = defaults(target)
+        for field in dataclasses.fields(section):
+            if field.name in wanted and (section, field.name) != (SamConfig, "rho"):  # null: SAM is off
+                value = None if field.default == "auto" else field.default  # YAML's spelling of None
+                assert value == wanted[field.name], (section.__name__, field.name)
+                checked += 1
+    assert checked >= 10
+    # The functional mirror step has no norm cap by default (max_norm=None); the rest agree.
+    assert all(defaults(ham)[k] == defaults(HAM)[k] for k in ("clamp", "foreach", "fused"))

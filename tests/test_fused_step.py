@@ -14,6 +14,8 @@ from torch import nn
 from sparseham import HAM, MaskManager, Method, SignFlipTracker, topk_mask
 from sparseham._step import mirror, one_pass, signflip
 
+pytestmark = pytest.mark.compiled
+
 
 class Net(nn.Module):
     def __init__(self):

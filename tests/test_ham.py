@@ -91,6 +91,7 @@ def test_one_d_tensors_untouched():
     assert not torch.equal(params[0], plain[0])
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize("alpha", [0.0, 3.0, -3.0])
 def test_foreach_matches_forloop_and_fused(alpha):
     params = [p.detach() for p in _params()[:2]]
@@ -369,6 +370,7 @@ def test_cuda_step_has_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.compiled
 def test_fused_follows_an_lr_schedule():
     p = nn.Parameter(torch.ones(3, 3))
     opt = HAM(torch.optim.SGD([p], lr=0.1), alpha=2.0, beta=0.0, fused=True, clamp=5.0)

@@ -101,6 +101,7 @@ def _step(clamp, lr, alpha, beta, **impl):
     return before, grads, params, [int(h) for h in hits]
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize("clamp", [0.005, 0.02, 0.2, 5.0], ids=["deg2", "deg3_default", "deg6", "exp"])
 def test_fused_and_foreach_steps_match_float64_reference(clamp):
     assert exp_poly_degree(clamp) == DEGREES.get(clamp)  # as the ids say (5.0: torch.exp)
@@ -123,6 +124,7 @@ def test_fused_and_foreach_steps_match_float64_reference(clamp):
     assert counts[0][0] > 0
 
 
+@pytest.mark.compiled
 def test_fused_polynomial_does_not_recompile_on_an_lr_schedule():
     clamp = 0.02
     assert exp_poly_degree(clamp) is not None

@@ -126,6 +126,51 @@ def test_pipeline_order():
     assert order == [("pre", True), ("opt", True), ("track", True), ("post", None)]
 
 
+@pytest.mark.parametrize("fused", [None, False], ids=["one_pass", "staged"])
+def test_both_branches_run_the_stages_in_the_pipeline_order(fused, monkeypatch):
+    """The staged pipeline and the one-pass step (run eagerly, so each stage's function is called
+    from Python) go through the same stages in the same order; the one-pass step per tensor."""
+    import sparseham.ham
+    from sparseham._step import masking, mirror, one_pass, signflip
+
+    order = []
+
+    def spy(module, name, label):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: order.append(label) or real(*a, **k))
+
+    class Recorder(Swapper):
+        def pre_step(self, manager):
+            order.append("pre")
+
+        def post_step(self, manager):
+            order.append("post")
+
+    for module, name, label in [(masking, "mask_grads_", "mask"), (masking, "mask_weights_", "mask"),
+                                (masking, "masked", "mask"), (one_pass, "base_sgd", "base"),
+                                (sparseham.ham, "ham", "mirror"), (mirror, "mirror_factor", "mirror"),
+                                (signflip, "update_layer", "track"), (signflip, "track", "track")]:
+        spy(module, name, label)
+    torch.manual_seed(0)
+    model = Net()
+    opt = HAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), fused=fused)
+    if fused is False:  # the base step of the staged branch, seen from a hook on the base optimizer
+        opt.optimizer.register_step_post_hook(lambda *a: order.append("base"))
+    mm = MaskManager(model, opt, Recorder(0.8), tracker=SignFlipTracker())
+    model(torch.randn(2, 2, 6, 6)).sum().backward()
+    order.clear()  # the manager masked the weights when it was built
+    with torch.compiler.set_stance("force_eager"):
+        mm.step()
+    stages = [s for i, s in enumerate(order) if i == 0 or s != order[i - 1]]
+    expected = ["mask", "base", "mirror", "mask", "track"]
+    if fused is None:  # per managed tensor; the biases take torch's own step first, outside the plan
+        assert stages[0] == "pre" and stages[-1] == "post"
+        body = stages[1:-1]
+        assert body == expected * len(mm.params)
+        stages = ["pre", *expected, "post"]
+    assert stages == ["pre", *expected, "post"]
+
+
 def test_churn_is_the_hamming_distance():
     model, opt, mm = _setup()
     mm.mask_events.clear()
@@ -222,3 +267,33 @@ def test_grad_scaler_path_unscales_before_hooks():
     mm.step(scaler=scaler)
     scaler.update()
     assert seen[0] < 100  # unscaled: a scaled gradient would be ~65536x larger
+
+
+def test_a_manager_without_an_optimizer_prunes_and_refuses_to_step():
+    model = Net()
+    mm = MaskManager(model, None, Swapper(0.8))
+    mm.verify()
+    assert all(torch.all(p[~m] == 0) for p, m in zip(mm.params, mm.masks))
+    assert abs(mm.sparsity() - 0.8) < 0.01
+    mm.zero_state_([~m for m in mm.masks])  # no state to zero: nothing to do
+    with pytest.raises(RuntimeError, match=r"built without an optimizer \(for pruning only\)"):
+        mm.step()
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["one_pass", "staged"])
+def test_a_nonfinite_gradient_is_named_at_the_next_read_not_blamed_on_the_masks(fused):
+    """One NaN gradient entry in an own loop: the next read of the manager's counters names the
+    layer in one line (no per-step host read), and verify() blames the values, not the masks."""
+    model, opt, mm = _setup(fused=fused)
+    _train_step(model, opt, mm, 0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 2, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    mm.params[1].grad[0, 0] = float("nan")
+    mm.step()
+    with pytest.warns(UserWarning, match=r"^fc1.weight: \d+ of 1024 weights are NaN or inf.*not from the masks"):
+        mm.sparsity()
+    _train_step(model, opt, mm, 2)  # the next forward pass spreads it to every layer
+    with pytest.raises(MaskInvariantError, match=r"^conv.weight: \d+ of 72 weights are NaN or inf \(and 2 more"):
+        mm.verify()

@@ -45,6 +45,7 @@ def test_adding_a_method_snippet_registers_a_working_method():
         registry._REGISTRY.update(saved)
 
 
+@pytest.mark.compiled
 @pytest.mark.slow
 def test_short_use_snippet_learns_fashion_mnist_in_one_epoch():
     """Issue 11: the snippet as written (alpha 200, the default trust region) on the real data."""

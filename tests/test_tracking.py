@@ -104,6 +104,7 @@ def _no_host_reads(monkeypatch):
         yield
 
 
+@pytest.mark.compiled
 def test_mask_manager_step_never_reads_the_device(monkeypatch):
     # The norm cap reads its scales on the host for CPU tensors (free there); the step is checked
     # as it runs on a device whose values need a sync.
@@ -145,6 +146,7 @@ def test_cuda_pipeline_has_no_host_sync():
             torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize("masked", [True, False])
 def test_fused_update_matches_eager(masked):
     g = torch.Generator().manual_seed(0)

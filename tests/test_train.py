@@ -34,6 +34,7 @@ def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.compiled
 def test_default_config_smoke_run_writes_every_file(tmp_path):
     out = tmp_path / "run"
     proc = train(out, "train.max_steps=30", "logging.log_every=10", "logging.histograms_every=15")

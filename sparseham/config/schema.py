@@ -314,6 +314,9 @@ class Config(Section):
         if text and not language_model:
             raise FieldError.bad("data.dataset", "text", f"text needs an hf:<architecture> model "
                                  f"(e.g. hf:LlamaForCausalLM), not {self.model.name!r}")
+        if self.train.amp == "fp16" and self.optim.sam.rho is not None:
+            raise FieldError.bad("train.amp", "fp16", "optim.sam with fp16 is not supported (the GradScaler "
+                                 "would have to cover both passes); use bf16 or no AMP")
         if self.train.distributed == "fsdp":
             self._check_fsdp()
 

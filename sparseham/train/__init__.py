@@ -2,6 +2,6 @@
 (``build``), the loop (``trainer``), checkpoints, the run directory, logging, evaluation and
 multi-process training (``distributed``)."""
 
-from sparseham.train.trainer import Trainer, TrainingStopped, run
+from sparseham.train.trainer import SetupError, Trainer, TrainingStopped, run
 
-__all__ = ["Trainer", "TrainingStopped", "run"]
+__all__ = ["SetupError", "Trainer", "TrainingStopped", "run"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseham import sharding
-from sparseham.config import Config, config_to_dict, dump_config
+from sparseham.config import Config, ConfigError, config_to_dict, dump_config
 from sparseham.masks import MaskManager
 from sparseham.train import checkpoint as ckpt
 from sparseham.train.build import (
@@ -55,6 +55,12 @@ from sparseham.train.run_dir import (
 )
 
 __all__ = ["run", "Trainer", "TrainingStopped"]
+
+
+class SetupError(ValueError):
+    """The run could not be set up from its config and data (bad input: one line, exit status 2).
+    A ``ValueError`` or ``TypeError`` while building the data, model, optimizer, method or manager
+    is raised as this; the same errors during training are bugs and keep their traceback."""
 
 
 class TrainingStopped(Exception):
@@ -108,9 +114,6 @@ class Trainer:
         if t.compile:
             self.net = torch.compile(self.net)
         self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
-        if t.amp == "fp16" and cfg.optim.sam.rho is not None:
-            raise ValueError("optim.sam with train.amp = 'fp16' is not supported (the GradScaler would have "
-                             "to cover both passes); use bf16 or no AMP")
         if t.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("train.amp = 'fp16' needs CUDA (GradScaler); use bf16 on the CPU")
         self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
@@ -377,9 +380,11 @@ def run(cfg: Config, run_dir: Path, *, force: bool = False) -> int:
             lock = RunLock(run_dir)
         try:
             trainer = Trainer(cfg, run_dir)
-        except BaseException:
+        except BaseException as err:
             if created and main and {p.name for p in run_dir.iterdir()} <= {RunLock.NAME}:
                 shutil.rmtree(run_dir, ignore_errors=True)
+            if isinstance(err, (ValueError, TypeError)) and not isinstance(err, ConfigError):
+                raise SetupError(str(err)) from err
             raise
         code = _train(trainer, cfg, run_dir)
         trainer.shutdown()
@@ -399,4 +404,10 @@ def _train(trainer: Trainer, cfg: Config, run_dir: Path) -> int:
         else:
             print(f"error: {stop}", file=sys.stderr, flush=True)
         return stop.code
+    except Exception as err:  # a bug: record it in the run's log, keep the traceback
+        logger = getattr(trainer, "logger", None)
+        if logger is not None:
+            logger.event({"event": "crash", "step": trainer.step, "error": f"{type(err).__name__}: {err}"})
+            logger.close()
+        raise
     return 0
