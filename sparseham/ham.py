@@ -172,14 +172,36 @@ class HAM(Optimizer):
         if not any(param_group is g for g in self.optimizer.param_groups):
             self.optimizer.add_param_group(param_group)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict, plus under ``"ham"`` the diagnostics since their last
+        read and the step counter that picks the counted steps, so that a resumed run reports
+        what an uninterrupted one does (per tensor, in the order of the param groups)."""
+        state = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        state["ham"] = {"calls": self._calls, "tensors": {
+            i: {"hits": self._hits[p].clone(), "caps": self._caps[p].clone(), "steps": self._steps.get(p, 0),
+                "counted": self._counted.get(p, 0)} for i, p in enumerate(params) if p in self._hits}}
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
+        ours = state_dict.get("ham")
+        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "ham"})
         # The base rebinds its groups and state on load: follow them.
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        if ours is None:  # a checkpoint of the base optimizer alone
+            return
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._calls = ours["calls"]
+        self._hits, self._caps, self._steps, self._counted = {}, {}, {}, {}
+        for i, entry in ours["tensors"].items():
+            p = params[int(i)]
+            self._hits[p] = entry["hits"].to(p.device)
+            self._caps[p] = entry["caps"].to(p.device)
+            self._steps[p], self._counted[p] = entry["steps"], entry["counted"]
 
     def _mirrored(self, group: dict[str, Any]) -> list[Tensor]:
         return [p for p in group["params"] if p.ndim >= self.min_ndim]

@@ -427,8 +427,10 @@ class MaskManager:
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Masks, step counter, and the method's and tracker's state."""
+        """Masks, step counter, the method's and tracker's state, and the mask changes not yet
+        read (``mask_events``: a resumed run logs them as an uninterrupted one would)."""
         return {
+            "mask_events": [dict(e) for e in self.mask_events],
             "names": list(self.names),
             "masks": None if self.masks is None else [m.clone() for m in self.masks],
             "expected": self.expected,
@@ -453,7 +455,9 @@ class MaskManager:
         self.expected = state["expected"]
         if self.tracker is not None and state["tracker"] is not None:
             self.tracker.load_state_dict(state["tracker"])
-        self.mask_events.clear()
+        device = self.params[0].device
+        self.mask_events[:] = [{**e, "churn": None if e["churn"] is None else e["churn"].to(device)}
+                               for e in state.get("mask_events", [])]
         self._pending = False
         if self.masks is not None and self.method.masking:
             self.apply_masks_()  # a no-op on weights saved with these masks

@@ -198,7 +198,11 @@ class RunLogger:
             self.metrics.write(
                 {
                     "event": "mask",
-                    "step": ev["step"],
+                    # The iteration that logs it (what a resume truncates by); the change itself
+                    # happened at the manager's optimizer step, which lags it (RigL's
+                    # topology-only iterations, skipped steps).
+                    "step": step,
+                    "optimizer_step": ev["step"],
                     "epoch": self.epoch(ev["step"]),
                     "phase": ev["phase"],
                     "churn": churn,
