@@ -13,9 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Folders installed under other names (setup.cfg's package_dir).
 MAPPED = {"sparseham.methods": ROOT / "methods", "sparseham.analysis": ROOT / "analysis"}
 # The application: the subpackages of the training app, the plug-ins, the reports, the commands.
-APPLICATION = ("sparseham.config", "sparseham.data", "sparseham.models", "sparseham.train", "sparseham.methods",
-               "sparseham.analysis", "sparseham.integrations", "sparseham.cli", "sparseham.__main__",
-               "sparseham.export")
+APPLICATION = tuple(f"sparseham.{name}" for name in (
+    "config", "data", "models", "train", "methods", "analysis", "integrations", "cli", "__main__", "export"))
 
 
 def modules() -> dict[str, Path]:
@@ -39,8 +38,10 @@ def _type_only(tree: ast.Module) -> set[int]:
     """Line numbers of imports under ``if TYPE_CHECKING:``."""
     lines = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
-            lines |= {n.lineno for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.ImportFrom | ast.Import)}
+        test = getattr(node, "test", None)
+        if isinstance(node, ast.If) and getattr(test, "id", getattr(test, "attr", "")) == "TYPE_CHECKING":
+            lines |= {n.lineno for stmt in node.body for n in ast.walk(stmt)
+                      if isinstance(n, ast.ImportFrom | ast.Import)}
     return lines
 
 
@@ -70,8 +71,8 @@ def imports(module: str) -> list[tuple[str, list[str], bool]]:
 
 
 def test_the_tree_is_read():
-    assert {"sparseham.ham", "sparseham._step.one_pass", "sparseham.methods.rigl", "sparseham.analysis.report",
-            "sparseham.integrations.hf"} <= set(MODULES)
+    assert {"sparseham.ham", "sparseham._step.one_pass", "sparseham.methods.rigl",
+            "sparseham.analysis.report", "sparseham.integrations.hf"} <= set(MODULES)
     assert "sparseham._step.one_pass" in LIBRARY and "sparseham.train.trainer" not in LIBRARY
 
 

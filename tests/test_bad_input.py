@@ -284,12 +284,14 @@ def test_an_error_during_training_is_a_bug_not_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, str(script), "train", "--config", "default", "--set", *sets,
                            "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
-    assert "Traceback (most recent call last)" in proc.stderr and "ValueError: a bug in a method" in proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "ValueError: a bug in a method" in proc.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["event"] == "crash" and records[-1]["error"] == "ValueError: a bug in a method"
     from sparseham.train.checkpoint import load_checkpoint
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
     bad = subprocess.run([sys.executable, str(script), "train", "--config", "default", "--set",
-                          "sparsity.target=1.5", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+                          "sparsity.target=1.5", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert not (tmp_path / "bad").exists()

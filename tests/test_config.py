@@ -519,10 +519,10 @@ def test_config_defaults_are_the_constructors_defaults():
     checked = 0
     for section, target in pairs:
         wanted = defaults(target)
-        for field in dataclasses.fields(section):
-            if field.name in wanted and (section, field.name) != (SamConfig, "rho"):  # null: SAM is off
-                value = None if field.default == "auto" else field.default  # YAML's spelling of None
-                assert value == wanted[field.name], (section.__name__, field.name)
+        for key in dataclasses.fields(section):
+            if key.name in wanted and (section, key.name) != (SamConfig, "rho"):  # null: SAM is off
+                value = None if key.default == "auto" else key.default  # YAML's spelling of None
+                assert value == wanted[key.name], (section.__name__, key.name)
                 checked += 1
     assert checked >= 10
     # The functional mirror step has no norm cap by default (max_norm=None); the rest agree.
