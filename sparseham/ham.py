@@ -139,6 +139,7 @@ class HAM(Optimizer):
         if sam_gradient == "original" and hasattr(optimizer, "keep_first_grads"):
             optimizer.keep_first_grads = True
         self._calls = 0  # host-side: which steps count the clamped entries
+        self._names: dict[Tensor, str] = {}
         self._warned_staged = False
         # The base's defaults too: schedulers such as OneCycleLR and CyclicLR look for
         # "momentum" or "betas" there.
@@ -348,11 +349,26 @@ class HAM(Optimizer):
         if caps:
             torch._foreach_add_([self._caps[p] for p in params], caps)
 
+    def name_parameters(self, names: Mapping[Tensor, str]) -> None:
+        """Name the parameters in :meth:`diagnostics` (``{parameter: "fc1.weight", ...}``)."""
+        self._names = dict(names)
+
+    def _default_names(self) -> dict[Tensor, str]:
+        names = {}
+        for g, group in enumerate(self.param_groups):
+            given = group.get("param_names") or [None] * len(group["params"])
+            for j, (p, name) in enumerate(zip(group["params"], given)):
+                names[p] = self._names.get(p) or name or f"{g}.{j}"
+        return names
+
     def diagnostics(self, names: Mapping[Tensor, str] | None = None, *, reset: bool = True) -> dict[str, Any]:
         """What the mirror step did since the last read (reads the device: call at log intervals).
 
         Args:
-            names: parameter -> name, for the per-layer entries (default: ``"group.index"``).
+            names: parameter -> name, for the per-layer entries (default: the names given to
+                :meth:`name_parameters`, which :class:`sparseham.MaskManager` calls with the model's
+                own, or the param groups' ``param_names`` (``SGD(model.named_parameters())``), else
+                ``"group.index"``).
             reset: start counting anew after this read.
 
         Returns:
@@ -368,8 +384,7 @@ class HAM(Optimizer):
             return {"clamped_fraction": 0.0, "clamped": 0, "entries": 0, "capped": 0, "steps": 0,
                     "layers": {}}
         if names is None:
-            names = {p: f"{g}.{j}" for g, group in enumerate(self.param_groups)
-                     for j, p in enumerate(group["params"])}
+            names = self._default_names()
         home = params[0].device  # one host read, even when the tensors live on several devices
         counts = torch.stack([torch.stack([self._hits[p], self._caps[p]]).to(home) for p in params])
         shard = next((p for p in params if sharding.is_sharded(p)), None)

@@ -120,6 +120,8 @@ class MaskManager:
         #: Whether the last :meth:`step` was a topology-only iteration (RigL's reference update):
         #: an LR scheduler that follows optimizer steps should not step after it.
         self.topology_only = False
+        if hasattr(optimizer, "name_parameters"):  # HAM: its diagnostics name layers as the model does
+            optimizer.name_parameters({p: n for n, p in self.model.named_parameters()})
         if optimizer is not None:
             optimizer.register_step_pre_hook(self._before_optimizer_step)
             optimizer.register_step_post_hook(self._after_optimizer_step)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparseham import HAM
+from sparseham import HAM, MaskManager, methods
 from sparseham._step import mirror as _ham_kernels
 from sparseham.ham import ham
 
@@ -487,3 +487,23 @@ def test_beta_alone_shrinks_every_mirrored_weight():
     # By hand: no gradient, so the base step keeps 2.0; the mirror step multiplies by e^(-0.1 * 0.5).
     assert torch.allclose(p.detach(), torch.full((2, 3), 2.0 * math.exp(-0.05)))
     assert torch.equal(b.detach(), torch.ones(3))  # 1-D: no mirror step
+
+
+def test_diagnostics_name_layers_by_parameter_name():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(16, 4)
+
+    def step(opt):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+
+    named = HAM(torch.optim.SGD(model.named_parameters(), lr=0.1), diagnostics=1)
+    step(named)
+    assert set(named.diagnostics()["layers"]) == {"0.weight", "2.weight"}
+    plain = HAM(torch.optim.SGD(model.parameters(), lr=0.1), diagnostics=1)
+    step(plain)
+    assert set(plain.diagnostics()["layers"]) == {"0.0", "0.2"}  # group.index: no names known
+    MaskManager(model, plain, methods.get("static")(0.5))
+    step(plain)
+    assert set(plain.diagnostics()["layers"]) == {"0.weight", "2.weight"}

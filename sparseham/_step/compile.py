@@ -53,7 +53,9 @@ def compile_kernel(fn: Callable, name: str, *, dynamic: bool | None, fallback: s
     use, so logs name them alike from run to run), and one kernel's recompiles never use up
     another's budget. If the first call fails to compile (no working compiler, a backend error),
     ``fn`` runs eagerly from then on, after one warning that ends with ``fallback`` (what to set for
-    a faster uncompiled path): the same results, slower.
+    a faster uncompiled path): the same results, slower. While compiling is switched off
+    (``TORCH_COMPILE_DISABLE=1``), ``fn`` runs eagerly without a warning: torch would run the
+    function and only then fail on ``fullgraph``, and a second, eager run would apply the step twice.
     """
     def kernel(*args):
         return fn(*args)
@@ -68,6 +70,8 @@ class _EagerOnFailure:
         self.fn, self.eager, self.name, self.fallback, self.tried = compiled, eager, name, fallback, False
 
     def __call__(self, *args):
+        if torch._dynamo.config.disable:  # torch.compile switched off (TORCH_COMPILE_DISABLE=1)
+            return self.eager(*args)
         if self.tried:
             return self.fn(*args)
         try:
