@@ -24,9 +24,12 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _compile_only_where_marked(request, monkeypatch):
-    if request.node.get_closest_marker("compiled"):
-        monkeypatch.setenv("TORCH_COMPILE_DISABLE", "0")
-        monkeypatch.setattr(torch._dynamo.config, "disable", False)
+    if not request.node.get_closest_marker("compiled"):
+        yield
+        return
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "0")
+    with torch._dynamo.config.patch(disable=False):
+        yield
 
 
 def skip_unless_required(reason: str, variable: str) -> None:

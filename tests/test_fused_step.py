@@ -249,9 +249,8 @@ def test_every_compiled_path_falls_back_to_eager(monkeypatch):
 def test_compiling_switched_off_runs_each_kernel_once_eagerly(monkeypatch):
     """TORCH_COMPILE_DISABLE=1: torch runs a compiled function, then fails on fullgraph; the step must
     not then run a second time eagerly (that applied the step twice)."""
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     import warnings
 
-    with warnings.catch_warnings():
+    with torch._dynamo.config.patch(disable=True), warnings.catch_warnings():
         warnings.simplefilter("error")  # no "did not compile" warning either
         _run([_build("sgd", 1, 1, 1, 1, fused=None), _build("sgd", 1, 1, 1, 1, fused=False)])

@@ -507,3 +507,57 @@ def test_diagnostics_name_layers_by_parameter_name():
     MaskManager(model, plain, methods.get("static")(0.5))
     step(plain)
     assert set(plain.diagnostics()["layers"]) == {"0.weight", "2.weight"}
+
+
+def _mirror_reference(x_half: float, g: float, lr: float, alpha: float, beta: float, clamp: float) -> float:
+    """HAM Alg. 1's mirror step on one entry, in plain Python (HYP*: the sign of the half step)."""
+    sign = (x_half > 0) - (x_half < 0)
+    e = min(max(-lr * (alpha * sign * g + beta), -clamp), clamp)
+    return x_half * math.exp(e)
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("impl", [{"fused": None}, {"fused": True}, {"fused": False},
+                                  {"fused": False, "foreach": False}],
+                         ids=["auto", "fused", "foreach", "forloop"])
+@pytest.mark.parametrize("base", ["sgd", "adam", "rmsprop"])
+def test_every_path_uses_each_groups_alpha_and_beta(base, impl):
+    """Two param groups with their own alpha and beta (one with alpha 0, beta only), every HAM
+    path, against the base optimizer alone followed by the mirror step written out per entry."""
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    grads = [torch.randn(4, 5, generator=g, dtype=torch.float64) * 0.5 for _ in range(3)]
+    bias, bias_grad = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(2))
+    make = {"sgd": lambda gs: torch.optim.SGD(gs, lr=0.1, momentum=0.9),
+            "adam": lambda gs: torch.optim.Adam(gs, lr=0.05),
+            "rmsprop": lambda gs: torch.optim.RMSprop(gs, lr=0.01)}[base]
+    ham_keys = ("ham_alpha", "ham_beta") if base == "rmsprop" else ("alpha", "beta")
+    settings = [(30.0, 0.01), (0.0, 0.02)]
+
+    def build():
+        ps = [nn.Parameter(w.clone()) for w in weights] + [nn.Parameter(bias.clone())]
+        groups = [{"params": [ps[0], ps[1], ps[3]]}, {"params": [ps[2]]}]
+        return ps, groups
+
+    ps, groups = build()
+    for group, (a, b) in zip(groups, settings):
+        group.update({ham_keys[0]: a, ham_keys[1]: b})
+    opt = HAM(make(groups), alpha=7.0, beta=0.5, clamp=0.05, **impl)  # defaults that must not be used
+    ref, ref_groups = build()
+    plain = make(ref_groups)
+    for _ in range(3):
+        for p, q, grad in zip(ps, ref, [*grads, bias_grad]):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        plain.step()
+        with torch.no_grad():
+            for group, (a, b) in zip(ref_groups, settings):
+                lr = group["lr"]
+                for q in group["params"]:
+                    if q.ndim < 2:
+                        continue
+                    flat = q.view(-1)
+                    for i, (x, gi) in enumerate(zip(flat.tolist(), q.grad.view(-1).tolist())):
+                        flat[i] = _mirror_reference(x, gi, lr, a, b, 0.05)
+        for p, q in zip(ps, ref):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)

@@ -58,7 +58,7 @@ FAST = [
     "logging.progress=false",
     "checkpoint.every=0",
 ]
-# Subprocess runs: 32 steps an epoch, a checkpoint every 5 steps, a progress line every 3.
+# Subprocess runs: 32 steps an epoch, a checkpoint every 5 steps, a progress line every step.
 RUN = [
     "data.dataset=synthetic",
     "model.name=lenet300",
@@ -67,7 +67,7 @@ RUN = [
     "ham.alpha=20",
     "sparsity.rigl.update_every=15",
     "train.max_steps=150",
-    "logging.log_every=3",  # not a divisor of checkpoint.every: logs pending at each checkpoint
+    "logging.log_every=1",
     "logging.tensorboard=false",
     "checkpoint.every=5",
     "checkpoint.keep=3",
@@ -116,6 +116,18 @@ def reference(tmp_path_factory):
     """An uninterrupted run of ``RUN``; interrupted and damaged runs must end with its weights."""
     out = tmp_path_factory.mktemp("reference") / "run"
     assert trainer_module.run(load_config(CONFIG, RUN), out) == 0
+    return out
+
+
+# Logs every 3 steps and checkpoints every 5: at most checkpoints, records are pending (HAM's
+# clamp counts, mask changes) and must survive a kill.
+SPARSE_LOGS = [*RUN, "logging.log_every=3"]
+
+
+@pytest.fixture(scope="module")
+def reference_sparse_logs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference_sparse_logs") / "run"
+    assert trainer_module.run(load_config(CONFIG, SPARSE_LOGS), out) == 0
     return out
 
 
@@ -554,7 +566,8 @@ def kill_at(proc, out, kind, target):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_never_corrupts_the_run(reference, tmp_path, capsys):
+def test_sigkill_at_random_moments_never_corrupts_the_run(reference_sparse_logs, tmp_path, capsys):
+    reference = reference_sparse_logs
     rng = random.Random(7)
     targets = sorted(rng.sample(range(10, TOTAL - 20), 4))
     moments = [("step", s) for s in targets]
@@ -564,9 +577,8 @@ def test_sigkill_at_random_moments_never_corrupts_the_run(reference, tmp_path, c
     out, during_write = tmp_path / "run", 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for kind, target in moments:
-        proc = subprocess.Popen(
-            command(out, RUN), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
+        proc = subprocess.Popen(command(out, SPARSE_LOGS), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
         assert kill_at(proc, out, kind, target), f"the run ended before the {kind} kill at {target}"
         if kind == "write" and (out / ".checkpoint.tmp").exists():
             during_write += 1
@@ -575,7 +587,7 @@ def test_sigkill_at_random_moments_never_corrupts_the_run(reference, tmp_path, c
         if (out / "checkpoint.pt").exists():
             load_checkpoint(out / "checkpoint.pt")  # never a torn checkpoint.pt
     assert during_write == 1  # a kill landed between opening the temp file and the rename
-    code, stdout, err = main(capsys, "--config", CONFIG, "--out", out, *sets_argv(RUN))
+    code, stdout, err = main(capsys, "--config", CONFIG, "--out", out, *sets_argv(SPARSE_LOGS))
     assert code == 0, err
     assert_same_weights(model_state(out / "checkpoint.pt"), model_state(reference / "checkpoint.pt"))
     # The logs too, record for record (times aside): final.json, and metrics.jsonl but for the

@@ -397,6 +397,9 @@ def run(cfg: Config, run_dir: Path, *, force: bool = False) -> int:
 def _train(trainer: Trainer, cfg: Config, run_dir: Path) -> int:
     try:
         trainer.train()
+        if trainer.dist.is_main:  # the last line says where to look
+            board = f"; TensorBoard: tensorboard --logdir {run_dir}" if cfg.logging.tensorboard else ""
+            print(f"done: {run_dir} (final.json); report: sparseham report {run_dir}{board}", flush=True)
     except TrainingStopped as stop:
         trainer.logger.close()
         if stop.code > 128:  # a signal: the stop the user asked for
