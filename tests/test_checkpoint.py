@@ -195,3 +195,17 @@ def test_rng_state_round_trip():
     a = (torch.rand(3), random.random())
     ckpt.set_rng_state(saved)
     assert torch.equal(torch.rand(3), a[0]) and random.random() == a[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    from sparseham.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+    torch.cuda.manual_seed_all(5)
+    torch.rand(7, device="cuda")  # advance it: a fresh state would pass by accident
+    save_checkpoint({"step": 0, "rng": rng_state()}, tmp_path)
+    want = torch.rand(4, device="cuda")
+    torch.rand(9, device="cuda")
+    set_rng_state(load_checkpoint(tmp_path / "checkpoint.pt")["rng"])
+    assert torch.equal(torch.rand(4, device="cuda"), want)
