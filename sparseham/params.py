@@ -99,7 +99,8 @@ def managed_summary(
     total = sum(p.numel() for _, p in pairs)
     names = [n for n, _ in pairs]
     shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
-    line = f"managing {len(pairs)} tensors ({total / 1e6:.3g}M weights): {shown or 'none'}"
+    size = f"{total / 1e6:.3g}M" if total >= 100_000 else f"{total:,}"
+    line = f"managing {len(pairs)} tensors ({size} weights): {shown or 'none'}"
     _, skipped, tied = _default_layers(model)
     if include is None and skipped:
         line += f"; skipped {', '.join(skipped)}"
