@@ -84,7 +84,8 @@ class OneShot(Method):
 
     def setup(self, manager) -> None:
         o = self.options
-        batches = calibration_batches(manager.data, o.batches)
+        needs_data = self.solver != "magnitude" or o.owl or self.distribution == "global"
+        batches = calibration_batches(manager.data, o.batches) if needs_data else []
         try:
             result = prune(
                 manager.model, batches, method=self.solver, sparsity=self.target, pattern=self.pattern,
