@@ -13,4 +13,4 @@ from sparseham.method import Method, available, get, register
 __all__ = ["Method", "available", "get", "register"]
 
 # Importing the plug-ins registers them.
-from . import acdc, dense, gmp, rigl, static, str  # noqa: E402,F401
+from . import acdc, dense, gmp, magnitude, rigl, sparsegpt, static, str, wanda  # noqa: E402,F401

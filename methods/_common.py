@@ -6,10 +6,11 @@ import torch
 from torch import Tensor
 
 from sparseham.distributions import fixed_counts, layer_counts
+from sparseham.method import suggest
 from sparseham.topk import global_topk_masks, nm_groups, nm_kept, nm_mask, topk_mask
 
 __all__ = ["shapes_of", "counts_for", "random_masks", "score_masks", "magnitude_masks", "seeded_generator",
-           "nm_counts", "nm_swap", "pattern_masks"]
+           "nm_counts", "nm_swap", "pattern_masks", "existing_masks", "check_init"]
 
 
 def nm_counts(manager, n: int, m: int) -> list[int]:
@@ -93,3 +94,32 @@ def nm_swap(weight: Tensor, mask: Tensor, score: Tensor, swaps: int, m: int) -> 
     new[rows, weak.reshape(-1)[chosen]] = False
     new[rows, strong.reshape(-1)[chosen]] = True
     return new.view(mask.shape)
+
+
+def existing_masks(manager, target: float | None, pattern: tuple[int, int] | None, who: str
+                   ) -> tuple[list[Tensor], list[int]]:
+    """``init: existing``: masks of the zeros the managed weights already have (a model pruned
+    before, e.g. by ``sparseham prune``), and the kept counts. Under an N:M pattern, the ``n``
+    largest ``|w|`` of each group (the existing zeros go first). Reads the device: set-up only.
+
+    Raises:
+        ValueError: the zeros are more than 1 point of sparsity away from ``target`` (unless None).
+    """
+    weights = [p.detach() for p in manager.params]
+    if pattern:
+        return pattern_masks(manager, [w.abs() for w in weights], *pattern)
+    masks = [w != 0 for w in weights]
+    counts = [int(m.sum()) for m in masks]
+    achieved = 1.0 - sum(counts) / sum(w.numel() for w in weights)
+    if target is not None and abs(achieved - target) > 0.01:
+        raise ValueError(f"{who}: init 'existing': the managed weights are {achieved:.2%} zeros, but the "
+                         f"target is {target:.2%}; prune the model first (sparseham prune) or set the "
+                         f"target to {achieved:.4g}")
+    return masks, counts
+
+
+def check_init(method) -> None:
+    """Refuse an ``init`` the method does not list in its ``inits``."""
+    if method.init not in method.inits:
+        raise ValueError(f"{method.name}: unknown init {method.init!r}{suggest(method.init, method.inits)}; "
+                         f"choose one of {', '.join(method.inits)}")

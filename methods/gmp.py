@@ -12,7 +12,9 @@ one global threshold (``global``); from ``end`` on the mask is fixed at the targ
 lowest at the next update and the masks only shrink, as in the reference implementation
 (TensorFlow ``model_pruning``, ``pruning.py``'s ``_update_mask`` with its polynomial
 ``sparsity_function_exponent = 3``). ``start``/``end`` are fractions of training, epochs or steps
-(``unit``); the defaults prune over the first 10% to 80% of training.
+(``unit``); the defaults prune over the first 10% to 80% of training. With ``init: existing`` the
+first mask is the zeros the weights already have (a one-shot prune), and the schedule starts at
+their sparsity instead of ``initial``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sparseham.method import Method
 from sparseham.schedules import cubic_sparsity, to_steps
 
 from . import register
-from ._common import magnitude_masks, pattern_masks
+from ._common import check_init, existing_masks, magnitude_masks, pattern_masks
 
 __all__ = ["GMP"]
 
@@ -56,6 +58,12 @@ class GMP(Method):
     Options = GMPOptions
     default_distribution = "uniform"  # TF model_pruning: one mask per tensor, each at s_t
     supports_pattern = True
+    inits = ("random", "existing")
+
+    def __init__(self, target: float = 0.0, **kwargs) -> None:
+        super().__init__(target, **kwargs)
+        check_init(self)
+        self.initial = self.options.initial
 
     def setup(self, manager) -> None:
         o = self.options
@@ -67,12 +75,19 @@ class GMP(Method):
         self.start, self.end = steps[0], min(steps[1], manager.total_steps)
         if self.end <= self.start:
             raise ValueError(f"gmp: pruning ends at step {self.end}, not after it starts ({self.start})")
-        if o.initial > 0:
+        if self.init == "existing":
+            masks, counts = existing_masks(manager, None, self.pattern, "gmp")
+            self.initial = 1.0 - sum(counts) / sum(p.numel() for p in manager.params)
+            if self.initial > self.target:
+                raise ValueError(f"gmp: init 'existing': the weights are already {self.initial:.2%} zeros, "
+                                 f"more than the target {self.target:.2%}")
+            manager.set_masks(masks, expected=counts)
+        elif o.initial > 0:
             self._prune(manager, o.initial)
 
     def sparsity_at(self, step: int) -> float:
         """The schedule's sparsity at ``step``."""
-        return cubic_sparsity(step, self.start, self.end, self.options.initial, self.target)
+        return cubic_sparsity(step, self.start, self.end, self.initial, self.target)
 
     def _updates_at(self, step: int) -> bool:
         on_grid = self.start <= step <= self.end and (step - self.start) % self.options.every == 0

@@ -6,7 +6,9 @@ Every :math:`\Delta T` steps until ``end``, each layer with :math:`n_l` active w
 - grows :math:`d` inactive weights with the largest :math:`|\nabla_w L|` (SET: uniformly at random),
 
 with the cosine drop fraction :math:`f(t) = \tfrac{f_0}{2}(1 + \cos(\pi t / T_{end}))`. Grown
-weights start at exactly 0 with zeroed optimizer state; per-layer counts never change.
+weights start at exactly 0 with zeroed optimizer state; per-layer counts never change. The first
+mask is random at the distribution's counts, or with ``init: existing`` the zeros the weights
+already have (continuing from a one-shot prune, whose per-layer counts are kept).
 
 Where the dense gradient comes from, at no extra cost: a pruned weight is an ordinary entry of a
 dense tensor, so the backward pass already computes its gradient. The pre-step hook (stage 1)
@@ -47,7 +49,16 @@ from sparseham.schedules import cosine_drop_fraction, periodic
 from sparseham.topk import topk_mask
 
 from . import register
-from ._common import counts_for, nm_counts, nm_swap, pattern_masks, random_masks, seeded_generator
+from ._common import (
+    check_init,
+    counts_for,
+    existing_masks,
+    nm_counts,
+    nm_swap,
+    pattern_masks,
+    random_masks,
+    seeded_generator,
+)
 
 __all__ = ["RigL", "SET"]
 
@@ -80,7 +91,13 @@ class RigL(Method):
 
     Options = RigLOptions
     distributions = ("uniform", "er", "erk")
+    #: ``existing`` starts from the zeros the weights already have (a one-shot prune), not a random mask.
+    inits = ("random", "existing")
     supports_pattern = True
+
+    def __init__(self, target: float = 0.0, **kwargs) -> None:
+        super().__init__(target, **kwargs)
+        check_init(self)
 
     def setup(self, manager) -> None:
         if manager.total_steps is None:
@@ -100,7 +117,10 @@ class RigL(Method):
                 f"(end = {self.options.end} of {manager.total_steps} steps); the run is static "
                 f"sparse training. Lower sparsity.{self.name}.update_every or train longer",
                 stacklevel=2)
-        if self.pattern:
+        if self.init == "existing":
+            masks, self.counts = existing_masks(manager, self.target, self.pattern, self.name)
+            manager.set_masks(masks, expected=self.counts)
+        elif self.pattern:
             gen = seeded_generator(0)
             scores = [torch.rand(p.shape, generator=gen).to(p.device) for p in manager.params]
             manager.set_masks(pattern_masks(manager, scores, *self.pattern)[0], expected=self.counts)

@@ -1,9 +1,15 @@
 """Pruning at initialization (``static``): one mask, scored once in ``setup`` and kept fixed.
 
-Scores come from :mod:`sparseham.methods.scoring`. With distribution ``uniform``, ``er`` or ``erk`` each
-layer keeps its top ``layer_counts`` scores; with ``global`` one threshold runs over all layers
-(``dense_layers`` stay dense and out of the competition). Set-up leaves the model and the global
-RNG exactly as they were (scores use a copy; data is read under ``torch.random.fork_rng``).
+Scores come from :mod:`sparseham.methods.scoring`. Three inits start from a trained model instead:
+``existing`` keeps the zeros the weights already have (a model pruned before, e.g. by
+``sparseham prune``), and ``wanda`` and ``sparsegpt`` prune it once with calibration batches from
+``MaskManager(..., data=...)`` (``batches`` of them) exactly as the methods of those names do,
+changing its weights (see :mod:`sparseham.methods.wanda`); the mask is then kept fixed.
+
+With distribution ``uniform``, ``er`` or ``erk`` each layer keeps its top ``layer_counts`` scores;
+with ``global`` one threshold runs over all layers (``dense_layers`` stay dense and out of the
+competition). Set-up of the scored inits leaves the model and the global RNG exactly as they were
+(scores use a copy; data is read under ``torch.random.fork_rng``).
 """
 
 from __future__ import annotations
@@ -14,10 +20,10 @@ import math
 import torch
 from torch import Tensor
 
-from sparseham.method import Method, register, suggest
+from sparseham.method import Method, get, register, suggest
 
 from . import scoring
-from ._common import pattern_masks, score_masks
+from ._common import existing_masks, pattern_masks, score_masks
 
 __all__ = ["Static", "StaticOptions"]
 
@@ -35,7 +41,8 @@ def _check_int(name: str, value, low: int) -> None:
 class StaticOptions:
     """Options of :class:`Static` (the YAML section ``sparsity.static``)."""
 
-    batches: int = _opt(1, "data batches that SNIP and GraSP score on (MaskManager data=)")
+    batches: int = _opt(1, "data batches that SNIP and GraSP score on, and init wanda and sparsegpt "
+                           "calibrate on (MaskManager data=)")
     synflow_rounds: int = _opt(100, "SynFlow rounds; round r keeps density (1-target)^(r/rounds)")
     grasp_temperature: float = _opt(200.0, "GraSP divides the logits by this temperature")
     remove_dead: bool = _opt(False, "also prune units with no input or output path left "
@@ -70,14 +77,17 @@ class Static(Method):
 
     Options = StaticOptions
     masking = True
-    inits = ("random", "magnitude", "snip", "grasp", "synflow")
+    inits = ("random", "magnitude", "snip", "grasp", "synflow", "existing", "wanda", "sparsegpt")
     distributions = ("uniform", "er", "erk", "global")
     supports_pattern = True
 
     @classmethod
     def distribution_for(cls, init: str) -> str:
         # The papers and Synaptic-Flow (its default --mask-scope global) rank scored inits over all
-        # layers at once; random scores cannot rank layers, so random PaI takes ERK quotas.
+        # layers at once; random scores cannot rank layers, so random PaI takes ERK quotas. The
+        # one-shot references prune every layer at the target.
+        if init in ("wanda", "sparsegpt", "existing"):
+            return "uniform"
         return "erk" if init == "random" else "global"
 
     def __init__(self, target: float = 0.0, **kwargs) -> None:
@@ -91,6 +101,12 @@ class Static(Method):
                              "or erk, or another init")
 
     def setup(self, manager) -> None:
+        if self.init == "existing":
+            manager.set_masks(*existing_masks(manager, self.target, self.pattern, "static"))
+            return
+        if self.init in ("wanda", "sparsegpt"):
+            self._one_shot(manager)
+            return
         devices = sorted({p.get_device() for p in manager.params if p.is_cuda})
         with torch.random.fork_rng(devices=devices):
             scores = _SCORES[self.init](self, manager)
@@ -99,6 +115,18 @@ class Static(Method):
             masks = scoring.remove_dead_units(manager.model, manager.params, masks)
             counts = [int(m.sum()) for m in masks]
         manager.set_masks(masks, expected=counts)
+
+    def _one_shot(self, manager) -> None:
+        """Prune with the one-shot method named by ``init``, on ``batches`` calibration batches."""
+        pattern = f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else None
+        method = get(self.init)(self.target, distribution=self.distribution, dense_layers=self.dense_layers,
+                                layer_density=self.layer_density, pattern=pattern,
+                                batches=self.options.batches)
+        method.setup(manager)
+        self.report = method.summary()
+
+    def summary(self) -> dict:
+        return dict(self.report)
 
     def select(self, manager, scores: list[Tensor], sparsity: float
                ) -> tuple[list[Tensor], list[int] | int]:

@@ -189,8 +189,9 @@ class SparsityConfig(Section):
     distribution: Literal["uniform", "er", "erk", "global"] | None = _f(
         None, "how the target is split over layers; null = the method's default (global for "
               "scored PaI and AC/DC, uniform for GMP, ERK otherwise)")
-    init: Literal["random", "magnitude", "snip", "grasp", "synflow"] = _f(
-        "random", "how the first mask is scored")
+    init: Literal["random", "magnitude", "snip", "grasp", "synflow", "existing", "wanda", "sparsegpt"] = _f(
+        "random", "how the first mask is scored; existing: the zeros the model already has (static, rigl, "
+                  "set, gmp); wanda, sparsegpt: a one-shot prune with calibration data (static)")
     dense_layers: list[str] = _f(factory=list, doc="glob patterns of managed parameters kept dense")
     pattern: str | None = _f(None, "N:M semi-structured sparsity, e.g. '2:4' (target must be 1 - n/m); "
                                    "static, gmp, rigl and set")
@@ -326,6 +327,8 @@ class Config(Section):
         if sp.method == "static" and sp.init in ("snip", "grasp", "synflow"):
             why = (f"sparsity.init {sp.init} scores a copy of the whole model, which FSDP cannot copy; "
                    "use random or magnitude")
+        elif sp.method in ("magnitude", "wanda", "sparsegpt") or sp.init in ("wanda", "sparsegpt"):
+            why = "one-shot pruning calibrates whole layers, not shards; prune first (sparseham prune)"
         elif sp.method == "str":
             why = "STR reparameterizes the weights, which fully_shard cannot shard"
         elif sp.pattern and sp.method in ("rigl", "set"):
