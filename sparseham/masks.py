@@ -26,6 +26,7 @@ method's first masks wait until :meth:`MaskManager.load_state_dict` replaces the
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -38,7 +39,7 @@ from . import sharding
 from ._step import masking
 from ._step.plan import StepPlan
 from .method import Method
-from .params import prunable_parameters, unwrap
+from .params import managed_summary, prunable_parameters, unwrap
 from .stepping import PipelineOptimizer, already_unscaled
 from .topk import nm_groups
 
@@ -76,6 +77,8 @@ class MaskManager:
         steps_per_epoch: for schedules given in epochs.
         data: batches ``(x, y)`` for methods that score with data at set-up (SNIP, GraSP).
         loss_fn: the loss used for such scoring (default cross-entropy).
+        verbose: print one line on stderr saying what is managed (and what the defaults skipped:
+            a language model's head, tied weights counted once).
 
     Call :meth:`step` where a plain loop calls ``optimizer.step()``; stepping the optimizer
     directly warns once (pruned weights would revive). To resume, any order works; the
@@ -96,10 +99,13 @@ class MaskManager:
         steps_per_epoch: int | None = None,
         data: Iterable | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        verbose: bool = True,
     ) -> None:
         pairs = prunable_parameters(model, include, exclude)
         if not pairs:
             raise ValueError("MaskManager found no parameters to manage; check include/exclude globs")
+        if verbose:
+            print(f"sparseham: {managed_summary(model, include, exclude)}", file=sys.stderr, flush=True)
         self.model = unwrap(model)
         self.optimizer = optimizer
         self.method = method

@@ -304,3 +304,18 @@ def test_a_nonfinite_gradient_is_named_at_the_next_read_not_blamed_on_the_masks(
     _train_step(model, opt, mm, 2)  # the next forward pass spreads it to every layer
     with pytest.raises(MaskInvariantError, match=r"^conv.weight: \d+ of 72 weights are NaN or inf \(and 2"):
         mm.verify()
+
+
+def test_the_manager_says_in_one_line_what_it_manages_and_counts_tied_weights_once(capsys):
+    model = Net()
+    model.fc2.weight = nn.Parameter(torch.randn(16, 16))
+    model.extra = nn.Linear(16, 16)
+    model.extra.weight = model.fc2.weight  # tied
+    mm = MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.1), Swapper(0.5))
+    line = capsys.readouterr().err
+    assert line.startswith("sparseham: managing 3 tensors (") and line.count("\n") == 1, line
+    assert "tied: extra.weight = fc2.weight" in line
+    assert mm.names == ["conv.weight", "fc1.weight", "fc2.weight"]
+    mm.verify()
+    MaskManager(model, None, Swapper(0.5), verbose=False)
+    assert capsys.readouterr().err == ""

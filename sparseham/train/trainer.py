@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from sparseham import sharding
 from sparseham.config import Config, ConfigError, config_to_dict, dump_config
 from sparseham.masks import MaskManager
+from sparseham.params import managed_summary
 from sparseham.train import checkpoint as ckpt
 from sparseham.train.build import (
     build_data_and_model,
@@ -106,7 +107,9 @@ class Trainer:
         include = s.include if s.include is not None else getattr(self.model, "default_managed", None)
         self.mm = MaskManager(self.model, self.opt, build_method(cfg), build_tracker(cfg), include,
                               s.exclude, total_steps=self.total, steps_per_epoch=self.steps_per_epoch,
-                              data=self._scoring_batches())
+                              data=self._scoring_batches(), verbose=False)
+        if self.dist.is_main and cfg.logging.progress:  # stdout: stderr is for the one-line errors
+            print(managed_summary(self.model, include, s.exclude), flush=True)
         # After the manager: a method may add parameter groups (STR's thresholds) the schedule must cover.
         self.sched = build_scheduler(cfg, self.opt, self.total, self.steps_per_epoch)
         broadcast_masks_(self.mm, self.dist)
