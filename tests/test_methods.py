@@ -19,6 +19,9 @@ KWARGS = {
     "acdc": {"target": 0.9, "warmup": 4, "phase": 6, "final": 10, "unit": "steps"},
     "gmp": {"target": 0.9, "start": 4, "end": 24, "every": 5, "unit": "steps"},
     "str": {"target": 0.9, "s_init": -3.0, "project_at": 0.5},
+    "magnitude": {"target": 0.9},
+    "wanda": {"target": 0.9},
+    "sparsegpt": {"target": 0.9},
 }
 
 
