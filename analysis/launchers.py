@@ -11,6 +11,14 @@ Submitit options, from a sweep file's ``launcher:`` mapping or ``--submitit.KEY`
 ``cluster`` (local, slurm, debug; default submitit's choice: slurm where ``srun`` exists, else
 local), ``partition``, ``time`` (minutes per job, default 240), ``gpus`` (per job), ``cpus`` (per
 task), ``mem`` (GB) and ``array_parallelism`` (Slurm: cells running at once).
+
+Values that reach the generated Slurm script cannot carry shell syntax: a partition (and any
+other Slurm name) is letters, digits, ``_``, ``-`` and ``.``, with ``,`` between the names of a
+list of partitions (``gpu,gpu-long``); the job name is ``sweep-`` plus the sweep file's name with
+every other character turned into ``-``; the sweep's ``out`` directory and the Python executable
+(which the script names) must hold no control character (newline, tab, ...). Anything else exits
+2 with one line, before submitit writes a file. The reason: submitit writes each value into a
+``#SBATCH`` comment line, and a newline in it starts a command of the job script.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import difflib
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -53,8 +62,14 @@ def _cluster(value: Any) -> str | None:
     return value if value in CLUSTERS else None
 
 
-def _text(value: Any) -> str | None:
-    return value.strip() if isinstance(value, str) and value.strip() else None
+# What Slurm accepts in a partition, account or QoS name, and nothing that a shell or an #SBATCH
+# line reads as syntax (quotes, newlines, $, ;, spaces). A comma separates a list of partitions.
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.-]+(?:,[A-Za-z0-9_.-]+)*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _slurm_name(value: Any) -> str | None:
+    return value if isinstance(value, str) and _SLURM_NAME.fullmatch(value) else None
 
 
 def _whole(low: int) -> Callable[[Any], int | None]:
@@ -88,7 +103,8 @@ SUBMITIT_OPTIONS = {
     "cluster": _Option("cluster", _cluster, "one of " + ", ".join(CLUSTERS), "|".join(CLUSTERS),
                        "local, slurm or debug (default: slurm where srun exists, else local; local "
                        "starts every cell at once, and a job sees --submitit.gpus GPUs, none if unset)"),
-    "partition": _Option("slurm_partition", _text, "a Slurm partition name", "NAME", "Slurm partition"),
+    "partition": _Option("slurm_partition", _slurm_name, "a Slurm partition name: letters, digits, '_', "
+                         "'-', '.', and ',' between names", "NAME", "Slurm partition"),
     "time": _Option("timeout_min", _whole(1), "whole minutes, at least 1", "MIN",
                     f"minutes per job (default {DEFAULT_TIME_MIN}); the job is killed after it"),
     "gpus": _Option("gpus_per_node", _whole(0), "a whole number of GPUs per job, at least 0", "N",
@@ -176,7 +192,23 @@ def choose(block: dict, name: str | None, jobs: int, cli: dict, folder: Path, jo
                             "its own job (on Slurm, limit them with --submitit.array-parallelism)")
     _import_submitit()
     options = {k: v for k, v in block.items() if k != "name"} | cli
-    return submitit_launcher(options, folder, job_name)
+    return submitit_launcher(options, _script_path(folder), _job_name(job_name))
+
+
+def _script_path(folder: Path) -> Path:
+    """``folder``, once it and the Python executable, both named in the job script, are known to
+    hold no control character (a newline in an #SBATCH line starts a command)."""
+    for what, text in (("the sweep's output directory", str(folder)), ("the Python executable",
+                                                                      sys.executable)):
+        if _CONTROL.search(text):
+            raise LauncherError(f"{what} {show(text)} holds a control character, which the Slurm job "
+                                "script cannot carry safely; use a path without one")
+    return folder
+
+
+def _job_name(name: str) -> str:
+    """``name`` in the characters of a Slurm name: every other run of characters becomes ``-``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "sweep"
 
 
 def run_command(argv: list[str], log: Path, cwd: Path) -> int:

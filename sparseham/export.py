@@ -20,8 +20,10 @@ against the dense file are returned and printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,14 +31,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["FORMATS", "ExportError", "dense_state", "export_run", "load_sparse", "main"]
+__all__ = ["FORMATS", "ExportError", "ExportWriteError", "dense_state", "export_run", "load_sparse", "main"]
 
 FORMATS = ("dense", "masks", "sparse")
 _ORIGINAL, _THRESHOLD = ".parametrizations.weight.original", ".parametrizations.weight.0.s"
+# The files a run directory's owner writes and reads back (and its hidden temporary files).
+_RUN_FILES = re.compile(r"config\.yaml|final\.json|metrics\.jsonl|signflips\.jsonl|checkpoint(-\d+)?\.pt|"
+                        r"events\.out\.tfevents\..*|\..*")
 
 
 class ExportError(ValueError):
-    """A run that cannot be exported; the message is one line."""
+    """A run that cannot be exported, or a bad ``--out``; the message is one line (exit status 2)."""
+
+
+class ExportWriteError(ExportError):
+    """The file system refused the export (full, read-only); the message is one line (exit status 1)."""
 
 
 def dense_state(model: dict[str, Tensor], masks: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -68,23 +77,43 @@ def load_sparse(path: str | os.PathLike) -> dict[str, Tensor]:
     return {k: (v.to_dense().view(shapes[k]) if k in shapes else v) for k, v in state["tensors"].items()}
 
 
-def _nbytes(obj) -> int:
+def _serialized(obj) -> memoryview:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return buffer.tell()
+    return buffer.getbuffer()
 
 
 def _write_atomic(obj, out: Path) -> int:
-    tmp = out.with_name(f".{out.name}.tmp")
+    """Serializes in memory first, so that a full disk is an ``OSError`` naming its cause
+    (``torch.save`` to a file reports it as a bare RuntimeError), and the old ``out`` stays whole."""
+    data, tmp = _serialized(obj), out.with_name(f".{out.name}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, out)
-    except (OSError, RuntimeError) as e:  # torch.save reports some write errors as RuntimeError
-        if tmp.parent.is_dir():
+    except OSError as e:
+        with contextlib.suppress(OSError):  # a read-only directory refuses even this
             tmp.unlink(missing_ok=True)
-        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+        raise ExportWriteError(f"cannot write {out}: {e.strerror or e}; free disk space or choose a "
+                               "writable --out") from None
     return out.stat().st_size
+
+
+def _check_out(run: Path, raw: str) -> Path:
+    """``raw`` as a path, once it is known to name a file that is not one of the run's own."""
+    out = Path(raw)
+    if not raw or raw.endswith(os.sep) or out.name in ("", ".", ".."):
+        raise ExportError(f"--out {raw!r} names no file; give the file to write, e.g. --out model.pt")
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a directory; give a file in it, e.g. --out {out / 'model.pt'}")
+    target = out.resolve()
+    if target.parent == run.resolve() and _RUN_FILES.fullmatch(target.name):
+        raise ExportError(f"--out {out} is the run's own {target.name}; write the export elsewhere, "
+                          f"e.g. --out {run / 'export.pt'}")
+    return out
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "dense") -> dict[str, float]:
@@ -96,15 +125,17 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "dense
 
     Raises:
         ExportError: not a run directory, no readable checkpoint, an unknown format, or an
-            unwritable ``out``.
+            ``out`` that names no file or one of the run's own files.
+        ExportWriteError: the file system refused to write ``out``; an old ``out`` stays whole.
     """
     from sparseham.train.checkpoint import CheckpointError, latest_good_checkpoint
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    run, out = Path(run), Path(out)
+    run = Path(run)
     if not (run / "config.yaml").is_file():
         raise ExportError(f"{run} is not a run directory (no config.yaml)")
+    out = _check_out(run, os.fspath(out))
     try:
         _, state, _ = latest_good_checkpoint(run)
     except (CheckpointError, FileNotFoundError) as e:
@@ -121,7 +152,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "dense
         payload = {"format": "sparseham.sparse/1", "shapes": {n: list(dense[n].shape) for n in names},
                    "tensors": {k: (_to_sparse(v) if k in names else v) for k, v in dense.items()}}
     size = _write_atomic(payload, out)
-    dense_bytes = _nbytes(dense)
+    dense_bytes = len(_serialized(dense))
     return {"bytes": size, "dense_bytes": dense_bytes, "ratio": dense_bytes / size}
 
 
@@ -135,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats = export_run(args.run, args.out, args.format)
     except ExportError as e:
         print(f"sparseham export: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, ExportWriteError) else 2
     print(f"wrote {args.out} ({args.format}): {stats['bytes']:,} bytes, {stats['ratio']:.2f}x smaller than "
           f"the dense export ({stats['dense_bytes']:,} bytes)")
     return 0

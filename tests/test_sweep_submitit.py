@@ -143,3 +143,84 @@ def test_the_sweep_file_launcher_block_is_used_and_flags_win(tmp_path):
     # No Slurm here: only because the flag wins does the cell run (in submitit's debug executor).
     code, out, err = _sweep(path, "--submitit.cluster", "debug", "--submitit.gpus", "0")
     assert code == 1 and "1 jobs on debug" in out and "FAILED with exit code 2" in err
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """A fake ``sbatch`` that keeps the job script it is given and refuses it (so nothing waits
+    for a job), and a fake ``srun``, on PATH: submitit takes the Slurm path and writes its script."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path / "job.sh"}\n'
+                                    'echo "sbatch: error: fake sbatch" >&2\nexit 1\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    return tmp_path / "job.sh"
+
+
+def _run_script(script: Path) -> None:
+    """Runs the generated job script as Slurm would (with the fake srun) and checks it ran."""
+    import subprocess
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done
+
+
+INJECTED = "gpu\ntouch {marker}"
+
+
+@pytest.mark.parametrize("where, value", [
+    ("flag", INJECTED), ("file", INJECTED), ("file", "gpu;touch {marker}"),
+    ("flag", "gpu$(touch {marker})"), ("file", "gpu`touch {marker}`"), ("flag", "gpu' 'x"),
+    ("file", "gpu\r"), ("flag", " gpu"), ("file", ""), ("file", 7),
+])
+def test_a_partition_with_shell_syntax_exits_2_before_any_script(tmp_path, fake_slurm, where, value):
+    marker = tmp_path / "PWNED"
+    value = value.format(marker=marker) if isinstance(value, str) else value
+    block = {"name": "submitit", "cluster": "slurm"} | ({"partition": value} if where == "file" else {})
+    path = _write_sweep(tmp_path, "s", {"ham.enabled": [False]}, launcher=block)
+    flags = ["--submitit.partition", value] if where == "flag" else []
+    code, out, err = _sweep(path, *flags)
+    name = "--submitit.partition" if where == "flag" else f"{path}: launcher.partition"
+    assert (code, out) == (2, "")
+    assert err.startswith(f"sparseham sweep: {name} must be a Slurm partition name: letters, digits, "
+                          "'_', '-', '.', and ',' between names, got ")
+    assert err.count("\n") == 1
+    assert not fake_slurm.exists() and not marker.exists()  # nothing reached sbatch
+
+
+def test_an_out_directory_with_a_newline_exits_2_before_any_script(tmp_path, fake_slurm):
+    marker = tmp_path / "PWNED"
+    path = _write_sweep(tmp_path, "s", {"ham.enabled": [False]},
+                        launcher={"name": "submitit", "cluster": "slurm"})
+    spec = yaml.safe_load(path.read_text())
+    spec["out"] = f"{tmp_path}/runs\ntouch {marker}\n#"
+    path.write_text(yaml.safe_dump(spec))
+    code, out, err = _sweep(path)
+    assert (code, out) == (2, "")
+    assert re.fullmatch(r"sparseham sweep: the sweep's output directory '.*' holds a control character, "
+                        r"which the Slurm job script cannot carry safely; use a path without one\n", err)
+    assert not fake_slurm.exists() and not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "default.yaml", "s.yaml"]
+
+
+def test_the_job_script_holds_only_its_own_lines(tmp_path, fake_slurm):
+    """Allowed values reach the script as they are, a sweep file's odd name becomes a plain job
+    name, and running the script runs nothing but srun."""
+    marker = tmp_path / "PWNED"
+    path = _write_sweep(tmp_path, "s", {"ham.enabled": [False]},
+                        launcher={"name": "submitit", "cluster": "slurm", "partition": "gpu,gpu-long.2_a"})
+    odd = path.with_name(f"s $(touch {marker.name});`x`'.yaml")
+    path.rename(odd)
+    code, out, err = _sweep(odd, "--submitit.time", "30")
+    assert code == 2 and err.endswith("sbatch: error: fake sbatch\n"), (out, err)  # the fake refuses
+    lines = fake_slurm.read_text().splitlines()
+    assert "#SBATCH --partition=gpu,gpu-long.2_a" in lines
+    assert "#SBATCH --job-name=sweep-s-touch-PWNED-x" in lines
+    assert "#SBATCH --time=30" in lines
+    commands = [line for line in lines if line and not line.startswith("#")]
+    assert commands == ["export SUBMITIT_EXECUTOR=slurm", *[c for c in commands if c.startswith("srun ")]]
+    assert len(commands) == 2
+    _run_script(fake_slurm)
+    assert not marker.exists()

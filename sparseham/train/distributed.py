@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.constants import default_pg_timeout
 
 from sparseham import sharding
 
-__all__ = ["Dist", "init_distributed", "shard_model", "wrap_model", "rank_digests", "broadcast_masks_",
-           "check_ranks_agree"]
+__all__ = ["RENDEZVOUS_TIMEOUT_S", "Dist", "init_distributed", "process_env", "shard_model", "wrap_model",
+           "rank_digests", "broadcast_masks_", "check_ranks_agree"]
 
 
 @dataclass(frozen=True)
@@ -52,20 +56,111 @@ class Dist:
         return int(t) > 0
 
 
-def init_distributed(device: torch.device) -> Dist:
-    """Join the torchrun process group when ``WORLD_SIZE > 1``; a no-op otherwise."""
+# torchrun starts every process at once; a rank that waits longer than this for the others waits
+# for processes that were never started (WORLD_SIZE set by hand, a crashed peer).
+RENDEZVOUS_TIMEOUT_S = 300.0
+_TORCHRUN = ("start the processes with torchrun --nproc_per_node=N (it sets RANK, WORLD_SIZE, "
+             "MASTER_ADDR and MASTER_PORT)")
+
+
+def _env_int(name: str, low: int, expected: str, high: int | None = None) -> int | None:
+    text = os.environ.get(name)
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={text!r} is not {expected}; {_TORCHRUN}, or unset {name} for one process")
+    return value
+
+
+def process_env() -> Dist:
+    """This process's place as torchrun's variables give it, checked before anything waits or is
+    written.
+
+    Raises:
+        ValueError: a variable that is not a whole number, ``WORLD_SIZE`` below 1, a ``RANK``
+            outside ``0 .. WORLD_SIZE - 1``, ``RANK`` without ``WORLD_SIZE``, or several processes
+            without ``RANK``, ``MASTER_ADDR`` or ``MASTER_PORT``.
+    """
     if "RANK" in os.environ and "WORLD_SIZE" not in os.environ:
         raise ValueError("RANK is set but WORLD_SIZE is not: start several processes with torchrun "
                          "(it sets both), or unset RANK for one process")
+    world = _env_int("WORLD_SIZE", 1, "a number of processes (at least 1)") or 1
+    rank = _env_int("RANK", 0, "a process rank (0 or more)")
+    local = _env_int("LOCAL_RANK", 0, "a local rank (0 or more)") or 0
+    _env_int("MASTER_PORT", 1, "a TCP port (1 to 65535)", high=65535)
+    if rank is not None and rank >= world:
+        ranks = "rank 0 only" if world == 1 else f"ranks 0 to {world - 1}"
+        raise ValueError(f"RANK={rank} must be below WORLD_SIZE={world} ({ranks}); {_TORCHRUN}")
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if world > 1 and v not in os.environ]
+    if missing:
+        names = ", ".join(missing[:-1]) + " and " * (len(missing) > 1) + missing[-1]
+        raise ValueError(f"WORLD_SIZE={world} but {names} {'are' if len(missing) > 1 else 'is'} not set: "
+                         f"{_TORCHRUN}, or unset WORLD_SIZE for one process")
+    if world > 1:
+        _rendezvous_timeout()
+    return Dist(rank or 0, world, local)
+
+
+def _rendezvous_timeout() -> float:
+    text = os.environ.get("SPARSEHAM_RENDEZVOUS_TIMEOUT_S", str(RENDEZVOUS_TIMEOUT_S))
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        value = float(text)
     except ValueError:
-        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
-    if world <= 1:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"SPARSEHAM_RENDEZVOUS_TIMEOUT_S={text!r} is not a number of seconds above 0")
+    return value
+
+
+def _wait_for_store(address: tuple[str, str], deadline: float) -> None:
+    """Waits until rank 0's store accepts connections. torch's own client would wait too, but
+    prints a C++ stack trace for each failed try."""
+    while True:
+        try:
+            with socket.create_connection((address[0], int(address[1])), timeout=1.0):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise OSError(f"nothing listens there: {err.strerror or err}") from None
+            time.sleep(0.2)
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group when ``WORLD_SIZE > 1``; a no-op otherwise.
+
+    The rendezvous waits at most ``SPARSEHAM_RENDEZVOUS_TIMEOUT_S`` seconds (default
+    ``RENDEZVOUS_TIMEOUT_S``) for the other processes; collectives keep torch's default timeout.
+
+    Raises:
+        ValueError: bad torchrun variables (:func:`process_env`), or the other processes did not
+            join in time.
+    """
+    env = process_env()
+    if not env.enabled:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = _rendezvous_timeout()
+        deadline = time.monotonic() + timeout
+        address = (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+        try:
+            if env.rank:
+                _wait_for_store(address, deadline)
+            left = timedelta(seconds=max(deadline - time.monotonic(), 1.0))
+            store, rank, world = next(dist.rendezvous("env://", timeout=left))
+        except (dist.DistError, OSError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(
+                f"rank {env.rank} of {env.world_size}: the other processes did not join at "
+                f"{address[0]}:{address[1]} within {timeout:g} s ({reason}); {_TORCHRUN}, or set "
+                "SPARSEHAM_RENDEZVOUS_TIMEOUT_S to wait longer") from None
+        store.set_timeout(default_pg_timeout)  # what init_process_group does after its own rendezvous
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world)
+    return Dist(dist.get_rank(), dist.get_world_size(), env.local_rank)
 
 
 def shard_model(model: nn.Module) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import random
 import shutil
 import signal
@@ -38,6 +37,7 @@ from sparseham.train.distributed import (
     broadcast_masks_,
     check_ranks_agree,
     init_distributed,
+    process_env,
     shard_model,
     wrap_model,
 )
@@ -371,7 +371,11 @@ def run(cfg: Config, run_dir: Path, *, force: bool = False) -> int:
     A directory this call created is removed again when set-up fails before training starts, so
     a bad dataset or model leaves nothing behind.
     """
-    main = int(os.environ.get("RANK", "0")) == 0
+    env = process_env()  # bad torchrun variables fail here, before the run directory is touched
+    if cfg.train.distributed == "fsdp" and not env.enabled:
+        raise ValueError("train.distributed = 'fsdp' shards the model over several processes, but this is "
+                         "one process: start it with torchrun --nproc_per_node=N, or use ddp")
+    main = env.is_main
     check_run_path(run_dir)
     created = not run_dir.exists()
     lock = RunLock(run_dir) if main else None
