@@ -23,8 +23,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["CausalLM", "build_causal_lm", "causal_lm_class", "check_model_dir", "lm_config",
-           "quiet_progress_bars"]
+__all__ = ["CausalLM", "build_causal_lm", "causal_lm_class", "check_model_dir", "check_pretrained",
+           "lm_config", "quiet_progress_bars"]
 
 
 class CausalLM(nn.Module):
@@ -113,12 +113,22 @@ def check_model_dir(path: str | Path, key: str = "model.pretrained") -> dict[str
     return config
 
 
-def _load_pretrained(cls: type, pretrained: str) -> nn.Module:
+def check_pretrained(architecture: str, pretrained: str) -> None:
+    """Refuse a ``model.pretrained`` that is not a model directory of ``architecture``'s kind.
+
+    Raises:
+        ValueError: see :func:`check_model_dir`, or a model of another type (a BERT for a Llama).
+    """
+    cls = causal_lm_class(architecture)
     model_type = check_model_dir(pretrained).get("model_type")
     if model_type is not None and model_type != cls.config_class.model_type:
         raise ValueError(f"model.pretrained = {pretrained!r} holds a {model_type!r} model, not the "
                          f"{cls.config_class.model_type!r} that {cls.__name__} loads; name its class in "
                          "model.name")
+
+
+def _load_pretrained(cls: type, pretrained: str) -> nn.Module:
+    check_pretrained(cls.__name__, pretrained)
     try:
         return cls.from_pretrained(str(Path(pretrained).expanduser()), local_files_only=True)
     except (OSError, ValueError) as err:

@@ -29,6 +29,7 @@ __all__ = ["METADATA", "PREFIX", "causal_lm_from_state", "load_causal_lm", "read
 METADATA = "sparseham.json"
 #: The prefix of :class:`CausalLM`'s state_dict keys.
 PREFIX = "lm."
+_CAUSAL = ("ForCausalLM", "LMHeadModel")
 
 
 def _embedding_key(cls: type, config) -> str:
@@ -128,11 +129,15 @@ def load_causal_lm(model_dir: str | os.PathLike, key: str = "model") -> CausalLM
     from transformers import AutoModelForCausalLM
 
     config = check_model_dir(model_dir, key)
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(str(Path(model_dir).expanduser()), local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        kind = config.get("architectures") or [config.get("model_type")]
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{key} = {str(model_dir)!r} holds {kind[0]}, which does not load as a causal LM "
-                         f"({first[:160]})") from None
-    return CausalLM(lm)
+    kind = config.get("architectures") or [config.get("model_type")]
+    # transformers would put a fresh LM head on an encoder (BERT loads as BertLMHeadModel): refuse it.
+    causal = not config.get("architectures") or any(str(k).endswith(_CAUSAL) for k in kind)
+    why = None if causal else "not an architecture *ForCausalLM or *LMHeadModel"
+    if why is None:
+        try:
+            return CausalLM(AutoModelForCausalLM.from_pretrained(str(Path(model_dir).expanduser()),
+                                                                 local_files_only=True))
+        except (OSError, ValueError, KeyError) as err:
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    raise ValueError(f"{key} = {str(model_dir)!r} holds {kind[0]}, which does not load as a causal LM "
+                     f"({why})")

@@ -13,7 +13,7 @@ from sparseham.data import Data, build_data
 from sparseham.data.text import check_byte_vocabulary, resolve_tokenizer
 from sparseham.ham import HAM
 from sparseham.models import build_causal_lm, build_model
-from sparseham.models.hf import check_model_dir
+from sparseham.models.hf import check_pretrained, quiet_progress_bars
 from sparseham.sam import SAM
 from sparseham.tracking import SignFlipTracker
 
@@ -49,7 +49,7 @@ def text_options(cfg: Config) -> dict:
     options = config_to_dict(cfg)["data"]["text"]
     pretrained = cfg.model.pretrained if cfg.model.name.startswith("hf:") else None
     if pretrained:
-        check_model_dir(pretrained)
+        check_pretrained(cfg.model.name.removeprefix("hf:"), pretrained)
     setting = options["tokenizer"]
     options["tokenizer"] = resolve_tokenizer(setting, pretrained)
     if pretrained and options["tokenizer"] is None:
@@ -77,6 +77,7 @@ def build_data_and_model(cfg: Config, d, device: torch.device) -> tuple[Data, nn
     )
     info = data.info
     if cfg.model.name.startswith("hf:"):
+        quiet_progress_bars()  # the run's own progress line says how far it is
         model = build_causal_lm(cfg.model.name.removeprefix("hf:"), vocab_size=info.num_classes,
                                 seq_len=info.seq_len, options=cfg.model.hf, pretrained=cfg.model.pretrained)
     else:

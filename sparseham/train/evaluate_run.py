@@ -147,7 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sparseham.config import ConfigError
     from sparseham.data import DataError
 
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2, one line already printed)
+        return int(stop.code or 0)
     target = Path(args.target)
     quiet_progress_bars()
     try:
