@@ -6,7 +6,8 @@ Commands:
     sweep     run a grid of training runs and tabulate them
     study     select HAM's settings from a tuning sweep; tabulate a study
     fetch     fetch data sets into a data root
-    export    export a run's model: dense, masks or sparse (CSR/COO)
+    export    export a run's model: dense, masks, sparse (CSR/COO) or hf (save_pretrained)
+    eval      evaluate a run or a save_pretrained directory without training
     configs   list the shipped configs (``--config NAME`` finds them)
 
 ``sparseham COMMAND --help`` describes each one.
@@ -33,7 +34,8 @@ _COMMANDS = {
     "sweep": ("sparseham.analysis.sweep", "run a grid of training runs and tabulate them"),
     "study": ("sparseham.analysis.study", "select HAM's settings from a tuning sweep; tabulate a study"),
     "fetch": ("sparseham.data.fetch", "fetch data sets into a data root"),
-    "export": ("sparseham.export", "export a run's model: dense, masks or sparse (CSR/COO)"),
+    "export": ("sparseham.export", "export a run's model: dense, masks, sparse (CSR/COO) or hf"),
+    "eval": ("sparseham.train.evaluate_run", "evaluate a run or a save_pretrained directory"),
     "configs": (None, "list the shipped configs"),
 }
 

@@ -12,8 +12,12 @@ Formats (every file is a plain ``torch.save`` of tensors and strings, loadable w
   indices, a convolution kernel flattened to (out, in * kh * kw) first; :func:`load_sparse` turns
   it back into the dense state_dict. At density d a weight costs about 8d + 4/fan-in bytes here
   against 4 dense, so the file is smaller below about 50% density.
+- ``hf``: for a run of an ``hf:`` language model, ``--out`` is a directory written by
+  ``save_pretrained`` (safetensors), with the keys as the ``transformers`` model has them (no ``lm.``
+  prefix), the masks baked in, the run's tokenizer beside it, and ``sparseham.json`` with the run's
+  text settings (:mod:`sparseham.models.hf_io`). Plain ``from_pretrained`` loads it.
 
-Writes are atomic (a temporary file, then a rename), and the size and the compression ratio
+Writes are atomic (a temporary file or directory, then a rename), and the size and the compression ratio
 against the dense file are returned and printed.
 """
 
@@ -33,7 +37,7 @@ from torch import Tensor
 
 __all__ = ["FORMATS", "ExportError", "ExportWriteError", "dense_state", "export_run", "load_sparse", "main"]
 
-FORMATS = ("dense", "masks", "sparse")
+FORMATS = ("dense", "masks", "sparse", "hf")
 _ORIGINAL, _THRESHOLD = ".parametrizations.weight.original", ".parametrizations.weight.0.s"
 # The files a run directory's owner writes and reads back (and its hidden temporary files).
 _RUN_FILES = re.compile(r"config\.yaml|final\.json|metrics\.jsonl|signflips\.jsonl|checkpoint(-\d+)?\.pt|"
@@ -102,18 +106,44 @@ def _write_atomic(obj, out: Path) -> int:
     return out.stat().st_size
 
 
-def _check_out(run: Path, raw: str) -> Path:
-    """``raw`` as a path, once it is known to name a file that is not one of the run's own."""
+def _check_out(run: Path, raw: str, *, directory: bool = False) -> Path:
+    """``raw`` as a path, once it is known to name a file (or for ``directory``, a folder) that is not
+    one of the run's own."""
     out = Path(raw)
     if not raw or raw.endswith(os.sep) or out.name in ("", ".", ".."):
         raise ExportError(f"--out {raw!r} names no file; give the file to write, e.g. --out model.pt")
-    if out.is_dir():
+    if out.is_dir() and not directory:
         raise ExportError(f"--out {out} is a directory; give a file in it, e.g. --out {out / 'model.pt'}")
     target = out.resolve()
     if target.parent == run.resolve() and _RUN_FILES.fullmatch(target.name):
         raise ExportError(f"--out {out} is the run's own {target.name}; write the export elsewhere, "
                           f"e.g. --out {run / 'export.pt'}")
     return out
+
+
+def _export_hf(run: Path, state: dict, dense: dict[str, Tensor], out: Path) -> int:
+    """Write the ``hf`` format (see the module docstring); returns the directory's size in bytes."""
+    from sparseham.config import ConfigError, load_config
+    from sparseham.data import DataError
+    from sparseham.models.hf_io import causal_lm_from_state, save_pretrained
+    from sparseham.train.build import text_options
+
+    try:
+        cfg = load_config(run / "config.yaml")
+        if not cfg.model.name.startswith("hf:"):
+            raise ExportError(f"{run} trained {cfg.model.name}; format hf needs an hf: language model "
+                              "(use dense, masks or sparse)")
+        text = text_options(cfg)
+        model = causal_lm_from_state(cfg.model.name.removeprefix("hf:"), dense, options=cfg.model.hf,
+                                     pretrained=cfg.model.pretrained)
+        metadata = {"format": "sparseham.hf/1", "run": str(run.resolve()), "step": state.get("step"),
+                    "val_split": cfg.data.val_split, "text": {**text, "tokenizer": "auto"}}
+        save_pretrained(model, out, tokenizer=text["tokenizer"], metadata=metadata)
+    except (ConfigError, DataError, ValueError) as e:
+        raise ExportError(str(e)) from None
+    except OSError as e:
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "dense") -> dict[str, float]:
@@ -135,7 +165,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "dense
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise ExportError(f"{run} is not a run directory (no config.yaml)")
-    out = _check_out(run, os.fspath(out))
+    out = _check_out(run, os.fspath(out), directory=fmt == "hf")
     try:
         _, state, _ = latest_good_checkpoint(run)
     except (CheckpointError, FileNotFoundError) as e:
@@ -144,6 +174,10 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "dense
     names, stored = manager.get("names") or [], manager.get("masks")
     masks = dict(zip(names, stored)) if stored is not None else None
     dense = dense_state(state["model"], masks)
+    if fmt == "hf":
+        size = _export_hf(run, state, dense, out)
+        dense_bytes = _nbytes(dense)
+        return {"bytes": size, "dense_bytes": dense_bytes, "ratio": dense_bytes / size}
     if fmt == "dense":
         payload = dense
     elif fmt == "masks":
@@ -159,14 +193,21 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "dense
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparseham export", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a run directory written by sparseham train")
-    parser.add_argument("--out", required=True, help="the file to write")
+    parser.add_argument("--out", required=True, help="the file to write (format hf: a new directory)")
     parser.add_argument("--format", default="dense", help=f"one of {', '.join(FORMATS)} (default dense)")
     args = parser.parse_args(argv)
+    if args.format == "hf":
+        from sparseham.models.hf import quiet_progress_bars
+
+        quiet_progress_bars()
     try:
         stats = export_run(args.run, args.out, args.format)
     except ExportError as e:
         print(f"sparseham export: {e}", file=sys.stderr)
         return 1 if isinstance(e, ExportWriteError) else 2
+    if args.format == "hf":
+        print(f"wrote {args.out} (hf): a save_pretrained directory of {stats['bytes']:,} bytes")
+        return 0
     print(f"wrote {args.out} ({args.format}): {stats['bytes']:,} bytes, {stats['ratio']:.2f}x smaller than "
           f"the dense export ({stats['dense_bytes']:,} bytes)")
     return 0

@@ -66,10 +66,16 @@ class SyntheticConfig(Section):
 class TextConfig(Section):
     source: str = _f("stdlib", "the text: 'stdlib' (this Python's own standard-library .py sources) or a "
                                "file, folder or glob of local text files")
-    seq_len: int = _f(128, "tokens per training sequence (bytes: the tokenizer is byte-level)", gt=0)
+    seq_len: int = _f(128, "tokens per training sequence (bytes, or the tokenizer's tokens)", gt=0)
     max_bytes: int = _f(4_000_000, "read at most this many bytes of the corpus, files in sorted order", gt=0)
     test_fraction: float = _f(0.05, "fraction of the sequences, at the end of the corpus, held out for test",
                               gt=0, lt=1)
+    tokenizer: str = _f("auto", "auto: model.pretrained's own tokenizer when it has one, else bytes; bytes "
+                                "(UTF-8, 256 tokens); or a directory holding a transformers tokenizer")
+
+    def _check_relations(self) -> None:
+        if not self.tokenizer.strip():
+            raise FieldError.bad("tokenizer", self.tokenizer, "expected auto, bytes or a tokenizer directory")
 
 
 @dataclass

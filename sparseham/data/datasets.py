@@ -3,7 +3,8 @@
 MNIST, Fashion-MNIST, CIFAR and the synthetic task are held in memory as tensors; ImageNet
 is read from image folders by a torch ``DataLoader``. Every image loader yields float32 NCHW
 images, already normalized with the dataset's standard per-channel mean and std, and int64
-labels, on the CPU. ``text`` is byte-level causal language modelling (:mod:`sparseham.data.text`). See :class:`~sparseham.data.loaders.BatchLoader` for the order, the
+labels, on the CPU. ``text`` is causal language modelling on bytes or a model's own tokens
+(:mod:`sparseham.data.text`). See :class:`~sparseham.data.loaders.BatchLoader` for the order, the
 resume and the sharding contract.
 """
 
@@ -21,7 +22,7 @@ from torchvision import datasets, transforms
 from sparseham.data.files import Arrays, DataError, load_cifar, load_fashion_mnist, load_mnist
 from sparseham.data.loaders import BatchLoader, FolderLoader, TensorLoader
 from sparseham.data.fetch import fetch_cifar, fetch_fashion_mnist, fetch_mnist
-from sparseham.data.text import VOCAB_SIZE, TokenLoader, read_corpus, windows
+from sparseham.data.text import TEXT_DEFAULTS, TokenLoader, read_tokens, split_windows, windows
 
 __all__ = [
     "DATASETS", "DATA_SEED", "NORMALIZATION", "SYNTHETIC_DEFAULTS", "BatchLoader", "Data",
@@ -237,22 +238,17 @@ def _imagenet(req: _Request) -> Data:
 
 
 def _text(req: _Request) -> Data:
-    options = {"source": "stdlib", "seq_len": 128, "max_bytes": 4_000_000, "test_fraction": 0.05,
-               **dict(req.text or {})}
-    rows = windows(read_corpus(str(options["source"]), int(options["max_bytes"])), int(options["seq_len"]))
-    n = len(rows)
-    test = max(1, round(n * float(options["test_fraction"])))
-    val = round((n - test) * req.val_split)
-    train = n - test - val
-    if train < 1:
-        raise DataError(f"data.text: {n} sequences of {options['seq_len'] + 1} bytes leave none for "
-                        "training; raise data.text.max_bytes or lower seq_len")
+    options = {**TEXT_DEFAULTS, "tokenizer": None, **dict(req.text or {})}
+    ids, vocab = read_tokens(str(options["source"]), int(options["max_bytes"]), options["tokenizer"])
+    seq_len = int(options["seq_len"])
+    rows = split_windows(windows(ids, seq_len), float(options["test_fraction"]), req.val_split)
+    train, val, test = (len(rows[k]) for k in ("train", "val", "test"))
     evals = {"train": False, "batch_size": req.eval_batch_size, **req.loader_args}
-    info = DatasetInfo("text", VOCAB_SIZE, 1, int(options["seq_len"]), train, val, test,
-                       seq_len=int(options["seq_len"]), source=str(options["source"]))
-    return Data(train=TokenLoader(rows[:train], train=True, batch_size=req.batch_size, **req.loader_args),
-                test=TokenLoader(rows[n - test:], **evals),
-                val=TokenLoader(rows[train:train + val], **evals) if val else None, info=info)
+    info = DatasetInfo("text", vocab, 1, seq_len, train, val, test, seq_len=seq_len,
+                       source=str(options["source"]))
+    return Data(train=TokenLoader(rows["train"], train=True, batch_size=req.batch_size, **req.loader_args),
+                test=TokenLoader(rows["test"], **evals),
+                val=TokenLoader(rows["val"], **evals) if val else None, info=info)
 
 
 _BUILDERS: dict[str, Callable[[_Request], Data]] = {
@@ -305,8 +301,10 @@ def build_data(dataset: str, *, root: str = "data", batch_size: int, seed: int,
         synthetic: Options (dict or dataclass) of the synthetic task, see
             :func:`make_synthetic`; other
             datasets ignore them (the config always carries a ``data.synthetic`` section).
-        text: Options (dict) of ``text``: ``source``, ``seq_len``, ``max_bytes`` and
-            ``test_fraction`` (see :class:`~sparseham.config.schema.TextConfig`).
+        text: Options (dict) of ``text``: ``source``, ``seq_len``, ``max_bytes``,
+            ``test_fraction`` (see :class:`~sparseham.config.schema.TextConfig`) and ``tokenizer``:
+            a directory holding a tokenizer, or None for bytes (already resolved, see
+            :func:`~sparseham.data.text.resolve_tokenizer`).
         eval_batch_size: Batch size of the validation and test loaders, which are not
             sharded (every rank evaluates the whole split); defaults to ``batch_size``.
 

@@ -10,8 +10,10 @@ from torch import nn
 from sparseham import method as method_registry
 from sparseham.config import Config, config_to_dict, method_options
 from sparseham.data import Data, build_data
+from sparseham.data.text import check_byte_vocabulary, resolve_tokenizer
 from sparseham.ham import HAM
 from sparseham.models import build_causal_lm, build_model
+from sparseham.models.hf import check_pretrained, quiet_progress_bars
 from sparseham.sam import SAM
 from sparseham.tracking import SignFlipTracker
 
@@ -22,6 +24,7 @@ __all__ = [
     "build_method",
     "build_tracker",
     "resolve_device",
+    "text_options",
 ]
 
 
@@ -33,6 +36,26 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device = {name!r}, but no CUDA device is available; use auto or cpu")
     return device
+
+
+def text_options(cfg: Config) -> dict:
+    """``data.text`` with its tokenizer resolved to a directory or None (bytes).
+
+    Raises:
+        DataError: a tokenizer directory without a tokenizer, or byte-level text for a pretrained
+            model whose vocabulary is not 256.
+        ValueError: ``model.pretrained`` is not a model directory.
+    """
+    options = config_to_dict(cfg)["data"]["text"]
+    pretrained = cfg.model.pretrained if cfg.model.name.startswith("hf:") else None
+    if pretrained:
+        check_pretrained(cfg.model.name.removeprefix("hf:"), pretrained)
+    setting = options["tokenizer"]
+    options["tokenizer"] = resolve_tokenizer(setting, pretrained)
+    if pretrained and options["tokenizer"] is None:
+        check_byte_vocabulary(pretrained, "data.text.tokenizer = bytes" if setting == "bytes" else
+                              "it holds no tokenizer")
+    return options
 
 
 def build_data_and_model(cfg: Config, d, device: torch.device) -> tuple[Data, nn.Module]:
@@ -50,10 +73,11 @@ def build_data_and_model(cfg: Config, d, device: torch.device) -> tuple[Data, nn
         world_size=d.world_size,
         synthetic=config_to_dict(cfg)["data"]["synthetic"],
         eval_batch_size=c.eval_batch_size,
-        text=config_to_dict(cfg)["data"]["text"],
+        text=text_options(cfg) if c.dataset == "text" else None,
     )
     info = data.info
     if cfg.model.name.startswith("hf:"):
+        quiet_progress_bars()  # the run's own progress line says how far it is
         model = build_causal_lm(cfg.model.name.removeprefix("hf:"), vocab_size=info.num_classes,
                                 seq_len=info.seq_len, options=cfg.model.hf, pretrained=cfg.model.pretrained)
     else:
