@@ -176,7 +176,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "dense
     dense = dense_state(state["model"], masks)
     if fmt == "hf":
         size = _export_hf(run, state, dense, out)
-        dense_bytes = _nbytes(dense)
+        dense_bytes = len(_serialized(dense))
         return {"bytes": size, "dense_bytes": dense_bytes, "ratio": dense_bytes / size}
     if fmt == "dense":
         payload = dense
