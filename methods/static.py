@@ -91,6 +91,7 @@ class Static(Method):
         return "erk" if init == "random" else "global"
 
     def __init__(self, target: float = 0.0, **kwargs) -> None:
+        self.report: dict = {}  # what a one-shot init reports (summary())
         super().__init__(target, **kwargs)
         if self.init not in self.inits:
             raise ValueError(f"static: unknown init {self.init!r}{suggest(self.init, self.inits)}; "

@@ -131,7 +131,7 @@ def test_static_init_wanda_is_the_wanda_method():
 
 
 def test_every_given_batch_calibrates_and_an_iterator_gives_sixteen():
-    from methods._oneshot import calibration_batches
+    from sparseham.methods._oneshot import calibration_batches
 
     assert len(calibration_batches(list(range(40)), None)) == 40
     assert len(calibration_batches(iter(range(40)), None)) == 16

