@@ -86,7 +86,7 @@ def test_export_errors_are_one_line(runs, tmp_path):
         ([str(tmp_path), "--out", str(tmp_path / "x.pt")],
          f"{tmp_path} is not a run directory (no config.yaml)"),
         ([str(runs / "rigl"), "--out", str(tmp_path / "x.pt"), "--format", "onnx"],
-         "unknown format 'onnx'; choose one of dense, masks, sparse"),
+         "unknown format 'onnx'; choose one of dense, masks, sparse, hf"),
     ]:
         proc = subprocess.run([sys.executable, "-m", "sparseham", "export", *args], capture_output=True,
                               text=True, cwd=ROOT)
