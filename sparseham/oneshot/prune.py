@@ -20,7 +20,7 @@ from . import allocate, solvers
 from .calibrate import calibrate
 from .layers import LayerView, Stats
 
-__all__ = ["METHODS", "PruneResult", "prune", "layer_views"]
+__all__ = ["METHODS", "PruneResult", "check_request", "layer_views", "needs_calibration", "prune"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 _LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -67,8 +67,9 @@ def _check(method: str, sparsity: float, pattern: tuple[int, int] | None, distri
 def _check_pattern(views: Sequence[LayerView], pattern: tuple[int, int] | None) -> None:
     bad = [f"{v.name} ({v.shape[1]} inputs)" for v in views if pattern and v.shape[1] % pattern[1]]
     if bad:
+        more = f", ... ({len(bad) - 2} more)" if len(bad) > 2 else ""
         raise ValueError(f"pattern {pattern[0]}:{pattern[1]} needs an input size that is a multiple of "
-                         f"{pattern[1]}: {', '.join(bad)}; exclude these layers")
+                         f"{pattern[1]}: {', '.join(bad[:2])}{more}; exclude these layers")
 
 
 def _wanda_scores(views: Sequence[LayerView], indices: list[int], stats: dict[int, Stats]
@@ -117,6 +118,32 @@ def _counts(model, views, batches, *, method, sparsity, distribution, owl, dense
     return [counts[v.name] for v in views]
 
 
+def needs_calibration(method: str, owl: allocate.OWL | None) -> bool:
+    """Whether :func:`prune` runs the model on calibration data: Wanda and SparseGPT always, magnitude
+    for OWL's outlier ratios (a global magnitude threshold needs only the weights)."""
+    return method != "magnitude" or owl is not None
+
+
+def check_request(model: nn.Module, *, method: str = "wanda", sparsity: float = 0.5,
+                  pattern: tuple[int, int] | None = None, distribution: str = "uniform",
+                  owl: allocate.OWL | None = None, params: Sequence[tuple[str, Tensor]] | None = None,
+                  include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
+                  ) -> list[LayerView]:
+    """Check a :func:`prune` request (same arguments) without changing anything; return the views
+    of the managed layers. Raises ``ValueError`` as :func:`prune` does, but for missing batches."""
+    _check(method, sparsity, pattern, distribution, owl)
+    model = unwrap(model)
+    pairs = list(params) if params is not None else prunable_parameters(model, include, exclude)
+    if not pairs:
+        raise ValueError("nothing to prune: no managed parameters (check include/exclude)")
+    views = layer_views(model, pairs)
+    _check_pattern(views, pattern)
+    if needs_calibration(method, owl):
+        for v in views:
+            v.check_calibratable()
+    return views
+
+
 def prune(model: nn.Module, batches: Iterable[Any] = (), *, method: str = "wanda", sparsity: float = 0.5,
           pattern: tuple[int, int] | None = None, distribution: str = "uniform",
           owl: allocate.OWL | None = None, params: Sequence[tuple[str, Tensor]] | None = None,
@@ -145,20 +172,11 @@ def prune(model: nn.Module, batches: Iterable[Any] = (), *, method: str = "wanda
         ValueError: a bad argument, a layer the method cannot calibrate, an N:M pattern on a layer
             whose input size is not a multiple of ``m``, or no calibration batch where one is needed.
     """
-    _check(method, sparsity, pattern, distribution, owl)
     model = unwrap(model)
-    pairs = list(params) if params is not None else prunable_parameters(model, include, exclude)
-    if not pairs:
-        raise ValueError("nothing to prune: no managed parameters (check include/exclude)")
-    views = layer_views(model, pairs)
-    _check_pattern(views, pattern)
-    calibrated = method != "magnitude"
-    surveyed = owl is not None or (distribution == "global" and calibrated and pattern is None)
-    if calibrated or surveyed:
-        for v in views:
-            v.check_calibratable()
+    views = check_request(model, method=method, sparsity=sparsity, pattern=pattern, distribution=distribution,
+                          owl=owl, params=params, include=include, exclude=exclude)
     batches = list(batches)
-    if (calibrated or surveyed) and not batches:
+    if needs_calibration(method, owl) and not batches:
         raise ValueError(f"method {method!r} needs calibration batches; none were given")
     if pattern is not None:
         kept = [v.weight.numel() * pattern[0] // pattern[1] for v in views]
@@ -174,7 +192,7 @@ def prune(model: nn.Module, batches: Iterable[Any] = (), *, method: str = "wanda
             _prune_layer(views[i], i, None if stats is None else stats[i], result, method, pattern,
                          blocksize, percdamp)
 
-    if calibrated:
+    if method != "magnitude":
         calibrate(model, [views[i] for i in active], batches, hessian=method == "sparsegpt",
                   visit=_reindexed(visit, active), sequential=sequential)
     else:
