@@ -281,7 +281,8 @@ def test_chained_pairs_stop_at_spatial_flatten():
 
 # -- options and errors -----------------------------------------------------------------------
 def test_registry_and_options_help():
-    assert Static.inits == (*INITS, "existing", "wanda", "sparsegpt") and Static.distributions == ("uniform", "er", "erk", "global")
+    assert Static.inits == (*INITS, "existing", "wanda", "sparsegpt")
+    assert Static.distributions == ("uniform", "er", "erk", "global")
     assert Static.masking is True
     assert all(f.metadata.get("help") for f in dataclasses.fields(Static.Options))
 

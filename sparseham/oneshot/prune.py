@@ -8,13 +8,14 @@ keeps). This module checks the request, decides the counts, and runs the calibra
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..distributions import layer_counts
+from ..distributions import layer_counts, matches_any
 from ..params import is_hf_conv1d, prunable_parameters, unwrap
 from . import allocate, solvers
 from .calibrate import calibrate
@@ -183,6 +184,7 @@ def prune(model: nn.Module, batches: Iterable[Any] = (), *, method: str = "wanda
     else:
         kept = _counts(model, views, batches, method=method, sparsity=sparsity, distribution=distribution,
                        owl=owl, dense=dense_layers, fixed=layer_density, sequential=sequential)
+    _warn_collapse(views, kept, distribution, layer_density)
     masks = [torch.ones_like(v.weight, dtype=torch.bool) for v in views]
     result = PruneResult([v.name for v in views], masks, kept, {})
     active = [i for i, v in enumerate(views) if pattern is not None or kept[i] < v.weight.numel()]
@@ -198,6 +200,19 @@ def prune(model: nn.Module, batches: Iterable[Any] = (), *, method: str = "wanda
     else:
         visit(active, None)
     return result
+
+
+def _warn_collapse(views: Sequence[LayerView], kept: list[int], distribution: str,
+                   layer_density: Mapping[str, float] | None) -> None:
+    """A global threshold can empty a layer whose scores run low (layer collapse; Tanaka et al.
+    2020): say so, unless a density of its own asked for it."""
+    asked = tuple(layer_density or ())
+    empty = [v.name for v, k in zip(views, kept) if k == 0 and not matches_any(v.name, asked)]
+    if distribution == "global" and empty:
+        more = f", ... ({len(empty) - 3} more)" if len(empty) > 3 else ""
+        warnings.warn(f"distribution 'global' prunes {', '.join(empty[:3])}{more} entirely (layer collapse): "
+                      "the model may no longer pass signals through it; use distribution uniform or OWL, "
+                      "or keep the layer dense (dense_layers)", stacklevel=3)
 
 
 def _reindexed(visit, active: list[int]):
