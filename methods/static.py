@@ -100,7 +100,6 @@ class Static(Method):
             raise ValueError("static: init 'random' with distribution 'global' is meaningless "
                              "(random scores do not rank layers); use distribution uniform, er "
                              "or erk, or another init")
-        self.report: dict = {}
 
     def setup(self, manager) -> None:
         if self.init == "existing":
