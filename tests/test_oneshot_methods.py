@@ -90,7 +90,7 @@ def test_the_plug_in_fine_tunes_in_place_and_sparsegpt_changes_kept_weights():
 def test_dynamic_methods_continue_from_the_zeros_a_one_shot_prune_left(name):
     model = _llama()
     pruned = MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.01),
-                         methods.get("wanda")(0.5, distribution="global"), data=_batches())
+                         methods.get("wanda")(0.5, owl=True), data=_batches())
     target = 0.7 if name == "gmp" else 0.5
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with pytest.warns(UserWarning, match="no topology update") if name in ("rigl", "set") else _nothing():
