@@ -16,7 +16,7 @@ from collections.abc import Sized
 from typing import Any, ClassVar
 
 from sparseham.method import Method
-from sparseham.oneshot import OWL, prune
+from sparseham.oneshot import OWL, needs_calibration, prune
 
 __all__ = ["OneShot", "OneShotOptions", "calibration_batches"]
 
@@ -84,7 +84,7 @@ class OneShot(Method):
 
     def setup(self, manager) -> None:
         o = self.options
-        needs_data = self.solver != "magnitude" or o.owl or self.distribution == "global"
+        needs_data = needs_calibration(self.solver, OWL() if o.owl else None)
         batches = calibration_batches(manager.data, o.batches) if needs_data else []
         try:
             result = prune(

@@ -2,6 +2,7 @@
 
 Commands:
     train     train a sparse model from a YAML config (``train.py`` is the same)
+    prune     prune a saved Hugging Face causal LM once, with calibration text
     report    sign-flip report (HTML + Markdown) of one or more run directories
     sweep     run a grid of training runs and tabulate them
     study     select HAM's settings from a tuning sweep; tabulate a study
@@ -30,6 +31,7 @@ __all__ = ["main", "train_main"]
 # command -> (module whose main(argv) runs it, one-line description)
 _COMMANDS = {
     "train": (None, "train a sparse model from a YAML config"),
+    "prune": ("sparseham.train.prune", "prune a saved Hugging Face causal LM once, with calibration text"),
     "report": ("sparseham.analysis.report", "sign-flip report (HTML + Markdown) of run directories"),
     "sweep": ("sparseham.analysis.sweep", "run a grid of training runs and tabulate them"),
     "study": ("sparseham.analysis.study", "select HAM's settings from a tuning sweep; tabulate a study"),

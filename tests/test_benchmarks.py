@@ -111,3 +111,12 @@ def test_one_pass_probe_quick(tmp_path, monkeypatch):
     assert result["tensors"] == 2 and result["counts_identical"]  # compiled == eager transcription
     assert result["max_abs_diff_vs_eager"] < 1e-6 and result["ratio"] > 0
     assert all(s["n"] == 2 for s in result["seconds"].values())
+
+
+def test_sparsegpt_layer_quick(tmp_path, monkeypatch):
+    report = run_script("sparsegpt_layer", tmp_path, monkeypatch)
+    assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert [r["case"] for r in report["results"]] == ["unstructured 50%", "2:4"]
+    for result in report["results"]:  # no --reference: sparseham alone
+        assert set(result["seconds"]) == {"sparseham"} and result["seconds"]["sparseham"]["n"] == 2
+        assert result["shape"] == [64, 256] and result["peak_extra_bytes"]["sparseham"] > 0

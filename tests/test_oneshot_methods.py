@@ -65,7 +65,7 @@ def test_prune_reload_with_plain_transformers_and_fine_tune_with_ham(tmp_path, m
     opt = HAM(torch.optim.AdamW(reloaded.parameters(), lr=1e-3), alpha=20.0, fused=False)
     existing = methods.get("static")(0.5, init="existing", pattern=how.get("pattern"))
     again = MaskManager(reloaded, opt, existing)
-    assert all(torch.equal(a, b) for a, b in zip(again.masks, mm.masks))
+    assert all(torch.equal(a, b) for a, b in zip(again.masks, mm.masks)) and again.method.summary() == {}
     before = [p.detach().clone() for p in again.params]
     _fine_tune(reloaded, again, opt, batches)
     again.verify()
@@ -90,7 +90,7 @@ def test_the_plug_in_fine_tunes_in_place_and_sparsegpt_changes_kept_weights():
 def test_dynamic_methods_continue_from_the_zeros_a_one_shot_prune_left(name):
     model = _llama()
     pruned = MaskManager(model, torch.optim.SGD(model.parameters(), lr=0.01),
-                         methods.get("wanda")(0.5, distribution="global"), data=_batches())
+                         methods.get("wanda")(0.5, owl=True), data=_batches())
     target = 0.7 if name == "gmp" else 0.5
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with pytest.warns(UserWarning, match="no topology update") if name in ("rigl", "set") else _nothing():
@@ -165,3 +165,39 @@ def test_yaml_selects_the_one_shot_methods_and_init_existing():
     assert build_method(load_config("lm_rigl_ham", ["sparsity.init=existing"])).init == "existing"
     assert build_method(load_config("lm_rigl_ham", ["sparsity.method=static", "sparsity.init=sparsegpt",
                                                     "sparsity.target=0.5"])).init == "sparsegpt"
+
+
+@pytest.mark.slow
+def test_sparseham_train_prunes_then_fine_tunes_or_continues_from_sparseham_prune(tmp_path):
+    import json
+
+    from sparseham.train import prune as prune_cli
+    from sparseham.train import run
+    from sparseham.train.checkpoint import load_checkpoint
+
+    _llama().save_pretrained(tmp_path / "dense")
+    sets = ["train.max_steps=4", "train.eval_every=null", "logging.log_every=2", "logging.progress=false",
+            "checkpoint.every=0", "data.text.max_bytes=40000", "data.text.seq_len=32", "data.batch_size=4",
+            "sparsity.target=0.5"]
+    one = sets + [f"model.pretrained={tmp_path / 'dense'}", "sparsity.method=wanda", "sparsity.pattern=2:4",
+                  "sparsity.wanda.batches=3"]
+    assert run(load_config("lm_rigl_ham", one), tmp_path / "run") == 0
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["sparsity"] == 0.5 and final["method_summary"]["calibration_batches"] == 3
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    for name, mask in zip(state["manager"]["names"], state["manager"]["masks"]):
+        assert bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all())
+        assert bool((state["model"][name][~mask] == 0).all())
+
+    argv = [tmp_path / "dense", "--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", "2",
+            "--seqlen", "32", "--eval-windows", "1", "--out", tmp_path / "pruned"]
+    assert prune_cli.main([str(a) for a in argv]) == 0
+    two = sets + [f"model.pretrained={tmp_path / 'pruned'}", "sparsity.method=rigl", "sparsity.init=existing",
+                  "sparsity.rigl.update_every=2"]
+    assert run(load_config("lm_rigl_ham", two), tmp_path / "run2") == 0
+    from safetensors.torch import load_file
+
+    pruned = load_file(tmp_path / "pruned" / "masks.safetensors")
+    state = load_checkpoint(tmp_path / "run2" / "checkpoint.pt")
+    masks = dict(zip(state["manager"]["names"], state["manager"]["masks"]))
+    assert [int(m.sum()) for m in masks.values()] == [int(pruned[n[3:]].sum()) for n in masks]  # lm. prefix

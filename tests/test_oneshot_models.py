@@ -150,6 +150,16 @@ def test_global_and_owl_allocations_meet_the_target_exactly():
                 assert len({round(d, 3) for d in density[:7]}) == 1
 
 
+def test_a_global_threshold_that_empties_a_layer_says_so():
+    model = _llama_weights(_llama())
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.mul_(1e-6)
+    with pytest.warns(UserWarning, match=r"distribution 'global' prunes model.layers.0.self_attn.o_proj."
+                                         r"weight entirely \(layer collapse\)"):
+        result = prune(model, [], method="magnitude", sparsity=0.5, distribution="global")
+    assert result.kept[3] == 0
+
+
 def test_owl_counts_follow_the_reference_formula():
     """luuyin/OWL prune_wanda_outlier: D = (r - min) / (max - min) * 2 lambda; D - mean(D) + 1 - s."""
     ratios = {0: 0.02, 1: 0.05, 2: 0.03}

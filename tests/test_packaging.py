@@ -70,12 +70,12 @@ def test_registering_the_same_class_twice_keeps_one(monkeypatch):
 def test_help_lists_the_subcommands():
     proc = subprocess.run([sys.executable, "-m", "sparseham", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    for command in ("train", "report", "sweep", "study", "fetch", "export", "eval", "configs"):
+    for command in ("train", "prune", "report", "sweep", "study", "fetch", "export", "eval", "configs"):
         assert f"\n  {command} " in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "sparseham", "trian"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("sparseham: unknown command 'trian'; did you mean 'train'?; choose one "
-                                  "of train, report, sweep, study, fetch, export, eval, configs")
+                                  "of train, prune, report, sweep, study, fetch, export, eval, configs")
 
 
 def test_configs_lists_shipped_configs_and_train_finds_them_by_name(tmp_path):

@@ -14,7 +14,7 @@ from sparseham.methods import scoring
 from sparseham.models import build_model
 
 Static = methods.get("static")
-INITS = ("random", "magnitude", "snip", "grasp", "synflow")  # scored at set-up; the model is untouched
+INITS = ("random", "magnitude", "snip", "grasp", "synflow")
 
 # The hand-computed network: f(x) = W2 W1 x, one sample, squared error.
 W1 = [[0.5, -1.0], [1.5, 0.25]]
@@ -281,7 +281,8 @@ def test_chained_pairs_stop_at_spatial_flatten():
 
 # -- options and errors -----------------------------------------------------------------------
 def test_registry_and_options_help():
-    assert Static.inits == (*INITS, "existing", "wanda", "sparsegpt") and Static.distributions == ("uniform", "er", "erk", "global")
+    assert Static.inits == (*INITS, "existing", "wanda", "sparsegpt")
+    assert Static.distributions == ("uniform", "er", "erk", "global")
     assert Static.masking is True
     assert all(f.metadata.get("help") for f in dataclasses.fields(Static.Options))
 

@@ -12,8 +12,9 @@ kept ones) and returns the masks. The registered methods ``magnitude``, ``wanda`
 from .allocate import OWL
 from .calibrate import calibrate, find_blocks
 from .layers import LayerView, Stats
-from .prune import METHODS, PruneResult, layer_views, prune
+from .prune import METHODS, PruneResult, check_request, layer_views, needs_calibration, prune
 from .solvers import SparseGPTResult, magnitude_keep, sparsegpt, wanda_keep
 
 __all__ = ["METHODS", "OWL", "LayerView", "PruneResult", "SparseGPTResult", "Stats", "calibrate",
-           "find_blocks", "layer_views", "magnitude_keep", "prune", "sparsegpt", "wanda_keep"]
+           "check_request", "find_blocks", "layer_views", "magnitude_keep", "needs_calibration", "prune",
+           "sparsegpt", "wanda_keep"]

@@ -8,19 +8,20 @@ keeps). This module checks the request, decides the counts, and runs the calibra
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..distributions import layer_counts
+from ..distributions import layer_counts, matches_any
 from ..params import is_hf_conv1d, prunable_parameters, unwrap
 from . import allocate, solvers
 from .calibrate import calibrate
 from .layers import LayerView, Stats
 
-__all__ = ["METHODS", "PruneResult", "prune", "layer_views"]
+__all__ = ["METHODS", "PruneResult", "check_request", "layer_views", "needs_calibration", "prune"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 _LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -67,8 +68,9 @@ def _check(method: str, sparsity: float, pattern: tuple[int, int] | None, distri
 def _check_pattern(views: Sequence[LayerView], pattern: tuple[int, int] | None) -> None:
     bad = [f"{v.name} ({v.shape[1]} inputs)" for v in views if pattern and v.shape[1] % pattern[1]]
     if bad:
+        more = f", ... ({len(bad) - 2} more)" if len(bad) > 2 else ""
         raise ValueError(f"pattern {pattern[0]}:{pattern[1]} needs an input size that is a multiple of "
-                         f"{pattern[1]}: {', '.join(bad)}; exclude these layers")
+                         f"{pattern[1]}: {', '.join(bad[:2])}{more}; exclude these layers")
 
 
 def _wanda_scores(views: Sequence[LayerView], indices: list[int], stats: dict[int, Stats]
@@ -117,6 +119,32 @@ def _counts(model, views, batches, *, method, sparsity, distribution, owl, dense
     return [counts[v.name] for v in views]
 
 
+def needs_calibration(method: str, owl: allocate.OWL | None) -> bool:
+    """Whether :func:`prune` runs the model on calibration data: Wanda and SparseGPT always, magnitude
+    for OWL's outlier ratios (a global magnitude threshold needs only the weights)."""
+    return method != "magnitude" or owl is not None
+
+
+def check_request(model: nn.Module, *, method: str = "wanda", sparsity: float = 0.5,
+                  pattern: tuple[int, int] | None = None, distribution: str = "uniform",
+                  owl: allocate.OWL | None = None, params: Sequence[tuple[str, Tensor]] | None = None,
+                  include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
+                  ) -> list[LayerView]:
+    """Check a :func:`prune` request (same arguments) without changing anything; return the views
+    of the managed layers. Raises ``ValueError`` as :func:`prune` does, but for missing batches."""
+    _check(method, sparsity, pattern, distribution, owl)
+    model = unwrap(model)
+    pairs = list(params) if params is not None else prunable_parameters(model, include, exclude)
+    if not pairs:
+        raise ValueError("nothing to prune: no managed parameters (check include/exclude)")
+    views = layer_views(model, pairs)
+    _check_pattern(views, pattern)
+    if needs_calibration(method, owl):
+        for v in views:
+            v.check_calibratable()
+    return views
+
+
 def prune(model: nn.Module, batches: Iterable[Any] = (), *, method: str = "wanda", sparsity: float = 0.5,
           pattern: tuple[int, int] | None = None, distribution: str = "uniform",
           owl: allocate.OWL | None = None, params: Sequence[tuple[str, Tensor]] | None = None,
@@ -145,26 +173,18 @@ def prune(model: nn.Module, batches: Iterable[Any] = (), *, method: str = "wanda
         ValueError: a bad argument, a layer the method cannot calibrate, an N:M pattern on a layer
             whose input size is not a multiple of ``m``, or no calibration batch where one is needed.
     """
-    _check(method, sparsity, pattern, distribution, owl)
     model = unwrap(model)
-    pairs = list(params) if params is not None else prunable_parameters(model, include, exclude)
-    if not pairs:
-        raise ValueError("nothing to prune: no managed parameters (check include/exclude)")
-    views = layer_views(model, pairs)
-    _check_pattern(views, pattern)
-    calibrated = method != "magnitude"
-    surveyed = owl is not None or (distribution == "global" and calibrated and pattern is None)
-    if calibrated or surveyed:
-        for v in views:
-            v.check_calibratable()
+    views = check_request(model, method=method, sparsity=sparsity, pattern=pattern, distribution=distribution,
+                          owl=owl, params=params, include=include, exclude=exclude)
     batches = list(batches)
-    if (calibrated or surveyed) and not batches:
+    if needs_calibration(method, owl) and not batches:
         raise ValueError(f"method {method!r} needs calibration batches; none were given")
     if pattern is not None:
         kept = [v.weight.numel() * pattern[0] // pattern[1] for v in views]
     else:
         kept = _counts(model, views, batches, method=method, sparsity=sparsity, distribution=distribution,
                        owl=owl, dense=dense_layers, fixed=layer_density, sequential=sequential)
+    _warn_collapse(views, kept, distribution, layer_density)
     masks = [torch.ones_like(v.weight, dtype=torch.bool) for v in views]
     result = PruneResult([v.name for v in views], masks, kept, {})
     active = [i for i, v in enumerate(views) if pattern is not None or kept[i] < v.weight.numel()]
@@ -174,12 +194,25 @@ def prune(model: nn.Module, batches: Iterable[Any] = (), *, method: str = "wanda
             _prune_layer(views[i], i, None if stats is None else stats[i], result, method, pattern,
                          blocksize, percdamp)
 
-    if calibrated:
+    if method != "magnitude":
         calibrate(model, [views[i] for i in active], batches, hessian=method == "sparsegpt",
                   visit=_reindexed(visit, active), sequential=sequential)
     else:
         visit(active, None)
     return result
+
+
+def _warn_collapse(views: Sequence[LayerView], kept: list[int], distribution: str,
+                   layer_density: Mapping[str, float] | None) -> None:
+    """A global threshold can empty a layer whose scores run low (layer collapse; Tanaka et al.
+    2020): say so, unless a density of its own asked for it."""
+    asked = tuple(layer_density or ())
+    empty = [v.name for v, k in zip(views, kept) if k == 0 and not matches_any(v.name, asked)]
+    if distribution == "global" and empty:
+        more = f", ... ({len(empty) - 3} more)" if len(empty) > 3 else ""
+        warnings.warn(f"distribution 'global' prunes {', '.join(empty[:3])}{more} entirely (layer collapse): "
+                      "the model may no longer pass signals through it; use distribution uniform or OWL, "
+                      "or keep the layer dense (dense_layers)", stacklevel=3)
 
 
 def _reindexed(visit, active: list[int]):

@@ -95,13 +95,35 @@ def block_counts(prune: int, rows: int, columns: int, blocksize: int) -> list[in
     return counts
 
 
-def _inverse_factor(hessian: Tensor, percdamp: float) -> Tensor:
-    """The upper Cholesky factor of ``(H + damp I)^-1`` with ``damp = percdamp * mean(diag H)``."""
-    h = hessian.clone()
+def _inverse_factor_(h: Tensor, percdamp: float) -> Tensor:
+    """The upper Cholesky factor of ``(H + damp I)^-1`` with ``damp = percdamp * mean(diag H)``,
+    computed in the memory of ``h`` (one matrix alive at a time, as the reference)."""
     diag = h.diagonal()
     diag.add_(percdamp * diag.mean())
-    h = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(h, upper=True)
+    torch.linalg.cholesky(h, out=h)
+    torch.cholesky_inverse(h, out=h)
+    return torch.linalg.cholesky(h, upper=True, out=h)
+
+
+def _block(wt: Tensor, ut: Tensor, keep: Tensor, pattern: tuple[int, int] | None) -> Tensor:
+    """Prune one block in place, column by column; returns the errors ``E``.
+
+    Transposed layout (``wt`` and ``keep`` are ``(columns, rows)``, contiguous): the column being
+    pruned and the later columns it updates are contiguous rows, which makes the rank-1 update
+    ``W[:, j:] -= e U[j, j:]`` (``addr_``) about 1.5x faster than on the column view.
+    """
+    d = ut.diagonal()
+    err = torch.empty_like(wt)
+    for i in range(wt.shape[0]):
+        if pattern is not None and i % pattern[1] == 0:
+            group = slice(i, i + pattern[1])
+            scores = wt[group].square() / d[group, None].square()
+            keep[group] = False
+            keep[group].scatter_(0, torch.topk(scores, pattern[0], dim=0).indices, True)
+        e = wt[i].masked_fill(keep[i], 0.0).div_(d[i])
+        wt[i:].addr_(ut[i, i:], e, alpha=-1)
+        err[i] = e
+    return err
 
 
 @torch.no_grad()
@@ -112,7 +134,7 @@ def sparsegpt(weight: Tensor, hessian: Tensor, *, prune: int | None = None,
 
     ``H = 2 X^T X`` (up to a constant; :meth:`Stats.hessian`). Inputs never seen (``H_jj = 0``) get
     ``H_jj = 1`` and their weights 0, then ``H += 0.01 * mean(diag H) * I`` (dampening) and
-    ``U = chol((H)^-1)^T`` (upper). Columns are visited in blocks of ``blocksize``; in a block the
+    ``U = chol(H^-1)^T`` (upper). Columns are visited in blocks of ``blocksize``; in a block the
     mask keeps the highest ``w^2 / U_jj^2`` (unstructured: over the whole block, chosen when the
     block starts; N:M: over each group of ``m`` columns, chosen when the group starts, from the
     updated weights). Column ``j`` is then pruned and the error ``e = (w_j - q_j) / U_jj`` is spread
@@ -120,36 +142,28 @@ def sparsegpt(weight: Tensor, hessian: Tensor, *, prune: int | None = None,
     blocks at once, ``W[:, end:] -= E U[block, end:]`` (the lazy batch update).
 
     As the reference; the only deviation is the unstructured count per block, which is exact here
-    (:func:`block_counts`).
+    (:func:`block_counts`). ``weight`` and ``hessian`` are left as they were.
     """
     rows, columns = weight.shape
     _check((rows, columns), prune, pattern)
     w = weight.detach().float().clone()
-    h = hessian.float().clone()
+    h = hessian.detach().float().clone()
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1
     w[:, dead] = 0
-    u = _inverse_factor(h, percdamp)
+    u = _inverse_factor_(h, percdamp)
     keep = torch.ones_like(w, dtype=torch.bool)
     counts = block_counts(prune, rows, columns, blocksize) if pattern is None else None
     loss = torch.zeros((), device=w.device)
     for b, start in enumerate(range(0, columns, blocksize)):
         end = min(start + blocksize, columns)
-        w1, u1 = w[:, start:end].clone(), u[start:end, start:end]
-        d = u1.diagonal()
-        keep1 = keep[:, start:end]
+        wt, ut = w[:, start:end].t().contiguous(), u[start:end, start:end].contiguous()
+        keept = torch.ones_like(wt, dtype=torch.bool)
         if counts is not None:
-            keep1.copy_(topk_mask(w1.square() / d.square(), w1.numel() - counts[b]))
-        err = torch.zeros_like(w1)
-        for i in range(end - start):
-            if pattern is not None and i % pattern[1] == 0:
-                group = slice(i, i + pattern[1])
-                keep1[:, group] = nm_mask(w1[:, group].square() / d[group].square(), *pattern)
-            col = w1[:, i]
-            e = col * keep1[:, i].logical_not() / d[i]
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
-            err[:, i] = e
-        w[:, start:end] = w1 * keep1
+            keept = topk_mask(wt.square() / ut.diagonal()[:, None].square(), wt.numel() - counts[b])
+        err = _block(wt, ut, keept, pattern)
+        w[:, start:end] = (wt * keept).t()
+        keep[:, start:end] = keept.t()
         loss += err.square().sum() / 2
-        w[:, end:].addmm_(err, u[start:end, end:], alpha=-1)
+        w[:, end:].addmm_(err.t(), u[start:end, end:], alpha=-1)
     return SparseGPTResult(w, keep, float(loss))
