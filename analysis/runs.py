@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from sparseham.train.final import final_fields_problem
+
 __all__ = [
     "FlipSeries", "Run", "RunError", "SEED_FREE_KEYS", "flatten", "flip_series", "fmt_stat",
     "group_by_seed", "group_labels", "load_run", "mean_std", "read_jsonl", "short_keys",
@@ -108,12 +110,14 @@ def load_run(path: Path | str, *, require_flips: bool = True) -> Run:
     if require_flips and not run.flips:
         raise RunError(f"{path}: no sign-flip data (signflips.jsonl is missing or empty)")
     if (path / "final.json").is_file():
-        run.final = _mapping(path / "final.json", json.loads)
-        wrong = [k for k in ("test_acc", "sparsity", "steps", "epochs", "wall_time_s")
-                 if run.final.get(k) is not None and not _is_number(run.final[k])]
-        if wrong:
-            raise RunError(f"{path / 'final.json'}: '{wrong[0]}' is {type(run.final[wrong[0]]).__name__}, "
-                           "expected a number; the file is damaged, re-run the same command to rewrite it")
+        try:
+            run.final = _mapping(path / "final.json", json.loads)
+            problem = final_fields_problem(run.final)
+        except RunError as err:
+            problem = str(err).removeprefix(f"{path / 'final.json'}: ")
+        if problem:
+            raise RunError(f"{path / 'final.json'}: {problem}; the file is damaged, re-run the same command "
+                           "to rewrite it")
     # Records without an epoch (hand-edited, or from another tool) get it from their step.
     per_epoch = next((m.get("steps_per_epoch") for m in run.metrics if m.get("event") == "start"), None)
     run.metrics = [m for m in run.metrics if _placed(m, per_epoch)]

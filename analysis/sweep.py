@@ -53,6 +53,7 @@ from sparseham.config import ConfigError, config_to_dict, load_config
 from sparseham.config.fields import show
 from sparseham.config.shipped import resolve_config
 from sparseham.config.strict_yaml import load_yaml
+from sparseham.train.final import final_problem
 
 __all__ = [
     "Cell", "Sweep", "SweepError", "cell_names", "expand", "load_sweep",
@@ -201,8 +202,9 @@ def train_command(cell: Cell) -> list[str]:
 
 
 def plan(sweep: Sweep) -> tuple[list[Cell], list[Cell]]:
-    """Splits the cells into those to run and those already finished (final.json exists)."""
-    done = [c for c in sweep.cells if (c.run_dir / "final.json").is_file()]
+    """Splits the cells into those to run and those finished (a damaged final.json runs again)."""
+    done = [c for c in sweep.cells if (c.run_dir / "final.json").is_file()
+            and final_problem(c.run_dir / "final.json") is None]
     return [c for c in sweep.cells if c not in done], done
 
 

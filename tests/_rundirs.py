@@ -134,6 +134,7 @@ def _final(cfg, flips, steps, test_acc, layers) -> dict:
         "layers": {n: {"shape": list(s), "numel": _numel(s), "sparsity": target,
                        "flips_masked": totals[n][0], "flips_unmasked": totals[n][1]}
                    for n, s in layers.items()},
+        "finished": True,
     }
 
 

@@ -133,7 +133,7 @@ def test_finished_cells_are_skipped(tmp_path, capsys):
     cells = sweep.load_sweep(path).cells
     for cell in cells:
         cell.run_dir.mkdir(parents=True)
-        (cell.run_dir / "final.json").write_text("{}")
+        (cell.run_dir / "final.json").write_text('{"finished": true}')
     assert sweep.run_sweep(path, dry_run=True) == 0
     assert "12 cells, 0 to run, 12 skipped" in capsys.readouterr().out
     todo, done = sweep.plan(sweep.load_sweep(path))

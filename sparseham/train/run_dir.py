@@ -21,6 +21,7 @@ import yaml
 
 from sparseham.config import Config, ConfigError, config_to_dict
 from sparseham.masks import MaskInvariantError
+from sparseham.train.final import final_problem
 from sparseham.train.logger import perplexity
 
 __all__ = ["prepare_run_dir", "final_summary", "check_final_sparsity", "write_atomic", "RunDirError",
@@ -147,8 +148,12 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, force: bool = False) -> bool:
             run_dir.rename(aside)
             print(f"moved the previous run to {aside}", flush=True)
         elif (run_dir / "final.json").exists():
-            print(f"{run_dir} is already finished (final.json exists); nothing to do", flush=True)
-            return False
+            problem = final_problem(run_dir / "final.json")
+            if problem is None:
+                print(f"{run_dir} is already finished (final.json exists); nothing to do", flush=True)
+                return False
+            print(f"warning: {run_dir / 'final.json'} is damaged ({problem}); finishing the run again "
+                  "from its last checkpoint to rewrite it", flush=True)
     if _is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     return True
