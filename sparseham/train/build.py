@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "build_method",
+    "build_teacher",
     "build_tracker",
     "resolve_device",
     "text_options",
@@ -151,6 +153,13 @@ def build_method(cfg: Config) -> method_registry.Method:
     kwargs = {"distribution": sp.distribution, "dense_layers": tuple(sp.dense_layers), "init": sp.init,
               "layer_density": dict(sp.layer_density), "pattern": sp.pattern}
     return cls(sp.target or 0.0, **kwargs, **method_options(cfg))
+
+
+def build_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` in eval mode, for distillation."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def build_tracker(cfg: Config) -> SignFlipTracker | None:

@@ -22,10 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+from torch import nn
+
 from sparseham.models.hf import quiet_progress_bars
 from sparseham.train.evaluation import evaluate
 
-__all__ = ["evaluate_dir", "evaluate_run", "main"]
+__all__ = ["evaluate_dir", "evaluate_lm", "evaluate_run", "held_out_windows", "main"]
 
 _TEXT_KEYS = ("source", "seq_len", "max_bytes", "test_fraction")
 
@@ -73,34 +76,56 @@ def evaluate_run(run: str | Path, *, split: str = "test", device: str = "cpu") -
     return _result(split, loss, acc, count, cfg.model.name.startswith("hf:"))
 
 
-def evaluate_dir(model_dir: str | Path, *, split: str = "test", device: str = "cpu", batch_size: int = 32,
-                 **text) -> dict:
-    """Perplexity of the causal LM in the ``save_pretrained`` directory ``model_dir`` on held-out text.
+def held_out_windows(model_dir: str | Path, *, split: str = "test", **text) -> torch.Tensor:
+    """The windows ``(N, seq_len + 1)`` of ``split`` of the text for the model in ``model_dir``.
 
     Args:
         **text: ``source``, ``seq_len``, ``max_bytes``, ``test_fraction`` and ``val_split``; unset
             ones come from the directory's ``sparseham.json``, then ``data.text``'s defaults.
 
     Raises:
-        ValueError, DataError: not a causal LM directory, or text that cannot be used.
+        ValueError, DataError: text that cannot be used, or an empty split.
     """
-    from sparseham.data.text import TEXT_DEFAULTS, TokenLoader, text_windows
-    from sparseham.models.hf_io import load_causal_lm, read_metadata
-    from sparseham.train.build import resolve_device
+    from sparseham.data.text import TEXT_DEFAULTS, text_windows
+    from sparseham.models.hf_io import read_metadata
 
     meta = read_metadata(model_dir)
     saved = meta.get("text") if isinstance(meta.get("text"), dict) else {}
     options = {k: saved.get(k, TEXT_DEFAULTS[k]) for k in _TEXT_KEYS}
     options["val_split"] = meta.get("val_split", 0.0)
     options.update({k: v for k, v in text.items() if v is not None})
-    where = resolve_device(device)
-    model = load_causal_lm(model_dir).to(where)
     rows = text_windows(model_dir, int(options.pop("seq_len")), split=split, **options)
     if len(rows) == 0:
         raise ValueError(f"the {split} split of the text is empty; use --split test")
+    return rows
+
+
+def evaluate_lm(model: nn.Module, rows: torch.Tensor, *, device: str = "cpu", batch_size: int = 32,
+                split: str = "test") -> dict:
+    """Loss, next-token accuracy and perplexity of the causal LM ``model`` (a
+    :class:`~sparseham.models.hf.CausalLM`) on the windows ``rows``, as ``sparseham train`` evaluates."""
+    from sparseham.data.text import TokenLoader
+    from sparseham.train.build import resolve_device
+
+    where = resolve_device(device)
     loader = TokenLoader(rows, train=False, batch_size=batch_size, seed=0)
-    loss, acc = evaluate(model, {split: loader}, where)[split]
+    loss, acc = evaluate(model.to(where), {split: loader}, where)[split]
     return _result(split, loss, acc, rows[:, 1:].numel(), True)
+
+
+def evaluate_dir(model_dir: str | Path, *, split: str = "test", device: str = "cpu", batch_size: int = 32,
+                 **text) -> dict:
+    """Perplexity of the causal LM in the ``save_pretrained`` directory ``model_dir`` on held-out
+    text (:func:`held_out_windows`, whose ``**text`` this takes).
+
+    Raises:
+        ValueError, DataError: not a causal LM directory, or text that cannot be used.
+    """
+    from sparseham.models.hf_io import load_causal_lm
+
+    model = load_causal_lm(model_dir)
+    rows = held_out_windows(model_dir, split=split, **text)
+    return evaluate_lm(model, rows, device=device, batch_size=batch_size, split=split)
 
 
 class _Parser(argparse.ArgumentParser):

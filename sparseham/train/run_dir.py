@@ -11,6 +11,7 @@ leaves the old file or none, never a torn one.
 from __future__ import annotations
 
 import fcntl
+import functools
 import math
 import os
 import time
@@ -53,12 +54,30 @@ class RunDirError(ConfigError):
     """``--out`` points at a directory that holds a different run."""
 
 
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    from sparseham.config.schema import Config
+
+    return config_to_dict(Config())
+
+
+def _default(path: tuple) -> Any:
+    value: Any = _defaults()
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def config_difference(old: Any, new: Any, path: tuple = ()) -> str | None:
     """The first key where two resolved configs differ, outside :data:`RESUMABLE`, as
-    ``"key: OLD there, NEW now"``; ``None`` when they describe the same run."""
+    ``"key: OLD there, NEW now"``; ``None`` when they describe the same run. A key the old config
+    lacks is no difference when the new one has its default: a run saved before the key existed
+    resumes under a version that added it (``data.text.tokenizer``, ``distill``)."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new), key=str):
             if path + (key,) in RESUMABLE:
+                continue
+            if key not in old and new[key] == _default(path + (key,)):
                 continue
             diff = config_difference(old.get(key), new.get(key), path + (key,))
             if diff:

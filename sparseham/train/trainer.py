@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from sparseham import sharding
 from sparseham.config import Config, ConfigError, config_to_dict, dump_config
+from sparseham.distill import distillation_loss
 from sparseham.masks import MaskManager
 from sparseham.params import managed_summary
 from sparseham.train import checkpoint as ckpt
@@ -30,6 +31,7 @@ from sparseham.train.build import (
     build_method,
     build_optimizer,
     build_scheduler,
+    build_teacher,
     build_tracker,
     resolve_device,
 )
@@ -86,6 +88,8 @@ class Trainer:
         torch.manual_seed(cfg.experiment.seed)
         random.seed(cfg.experiment.seed)
         self.data, self.model = build_data_and_model(cfg, self.dist, self.device)
+        # The teacher is the model as loaded, before the manager prunes it (rebuilt alike on resume).
+        self.teacher = build_teacher(self.model) if cfg.distill.enabled else None
         self.accum = cfg.train.grad_accum
         for split in ("train", "test"):  # fail before training, not at the first evaluation after it
             if getattr(self.data, split).num_samples == 0:
@@ -226,10 +230,19 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.net(x)
                 loss = F.cross_entropy(logits.float(), y)
-            scaled = loss / self.accum
+                objective = loss if self.teacher is None else self._distilled(loss, logits, x)
+            scaled = objective / self.accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             records.append((loss.detach(), logits.detach(), y))
         return records
+
+    def _distilled(self, loss, logits, x):
+        """The task loss mixed with the KL divergence to the teacher (``distill``); the logged loss
+        stays the task loss, so perplexities compare with runs without distillation."""
+        d = self.cfg.distill
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return distillation_loss(loss, logits, teacher_logits, temperature=d.temperature, weight=d.weight)
 
     def train_step(self, micro: list) -> None:
         if self.buffers:
