@@ -8,7 +8,7 @@ RUN    ?= runs/default
 APT    := $(shell command -v apt-get 2>/dev/null)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data sysdeps browser clean study mutate
+.PHONY: demo test setup data sysdeps browser clean study mutate mutation-score
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,12 @@ test: data browser
 # Deliberate one-line bugs (tools/mutations.yaml), each against its tests; not part of `make test`.
 mutate: data
 	$(PY) tools/mutate.py
+
+# Automatic mutation testing (cosmic-ray), the score by module in docs/mutation/ (hours on 2 cores;
+# MODULES="sparseham/topk.py ..." for a few). Not part of `make test`.
+mutation-score: data
+	$(PIP) install --quiet -c constraints.txt -e '.[mutation]'
+	$(PY) tools/mutation_score.py $(if $(MODULES),--only $(MODULES))
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
