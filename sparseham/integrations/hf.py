@@ -1,4 +1,4 @@
-"""The sparse pipeline in a Hugging Face ``transformers`` Trainer (``pip install .[hf]``).
+"""The sparse pipeline in a Hugging Face ``transformers`` Trainer (``pip install .[hf]``)::
 
     from sparseham import SignFlipTracker, methods
     from sparseham.integrations.hf import SparseTrainer
@@ -65,7 +65,7 @@ class SparseTrainer(Trainer):
             Trainer's optimizer alone.
         tracker: an optional :class:`sparseham.SignFlipTracker`.
         include, exclude: which parameters the manager manages (:func:`sparseham.prunable_parameters`).
-        *args, **kwargs: the ``Trainer``'s own.
+        args, kwargs: the ``Trainer``'s own positional and keyword arguments.
     """
 
     def __init__(self, *args, method, ham: dict[str, Any] | None = None, tracker=None, include=None,
