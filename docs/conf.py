@@ -10,6 +10,8 @@ Why these tools:
 - **furo**: a clean, readable theme with a light and a dark mode and a good sidebar.
 - **myst-parser**: the guides are Markdown, like the README they came from, and they can include
   the study's generated Markdown tables (docs/study/) verbatim.
+- **sphinx-mathjax-offline**: MathJax 3 ships inside the site, so the methods' equations render
+  without a network (and in the headless-browser test).
 - **No sphinx-gallery**: the examples in ``examples/`` are plain scripts that a user copies; the
   pages include them with ``literalinclude`` and ``tests/test_docs.py`` runs each one (at a small
   size, ``SPARSEHAM_EXAMPLE_SMALL=1``) in its own process. Executing them inside the build would
@@ -48,6 +50,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax 3 copied into the site: the equations render offline too
     "sphinx.ext.viewcode",
     "myst_parser",
     "sparseham_docs",
@@ -64,13 +67,11 @@ myst_heading_anchors = 3
 html_theme = "furo"
 html_title = f"sparseham {release}"
 html_static_path: list[str] = []
-# MathJax is loaded from a CDN: math renders when the reader is online; offline it shows as TeX.
 html_show_sourcelink = False
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented_params"
-autodoc_class_signature = "separated"
 autodoc_default_options = {"members": True}
 # A subclass method without a docstring of its own gets none (not torch's, whose references cannot resolve).
 autodoc_inherit_docstrings = False

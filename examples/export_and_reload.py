@@ -1,6 +1,6 @@
-"""Train a short run with the app, export it (dense, masks, CSR), and load it back without sparseham.
+"""Train a short run with the app, export it (dense, masks, CSR), and load it into the plain model.
 
-    python examples/export_and_reload.py          # 400 steps of configs/default.yaml (RigL 95% + HAM, LeNet-5)
+    python examples/export_and_reload.py   # 400 steps of configs/default.yaml (RigL 95% + HAM, LeNet-5)
     SPARSEHAM_EXAMPLE_SMALL=1 python examples/export_and_reload.py   # 40 steps, what the tests run
 
 The same from the command line: ``sparseham train --config default --out RUN`` and

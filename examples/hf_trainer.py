@@ -45,8 +45,9 @@ model = transformers.LlamaForCausalLM(config)
 
 with tempfile.TemporaryDirectory() as out:
     args = transformers.TrainingArguments(output_dir=out, max_steps=STEPS, per_device_train_batch_size=8,
-                                          learning_rate=3e-3, logging_steps=max(1, STEPS // 3), save_steps=STEPS,
-                                          report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+                                          learning_rate=3e-3, logging_steps=max(1, STEPS // 3),
+                                          save_steps=STEPS, report_to=[], use_cpu=True, disable_tqdm=True,
+                                          seed=0)
     trainer = SparseTrainer(model=model, args=args, train_dataset=Bytes(text),
                             method=methods.get("rigl")(target=0.9, update_every=max(2, STEPS // 4)),
                             ham={"alpha": 20.0, "beta": 1e-3}, tracker=SignFlipTracker())

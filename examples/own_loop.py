@@ -27,7 +27,8 @@ def build():
     opt = sparseham.HAM(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), alpha=200, beta=1e-3)
     # RigL at 90% sparsity (ERK per-layer densities), the last layer kept dense.
     rigl = methods.get("rigl")(target=0.9, layer_density={"5.weight": 1.0}, update_every=20)
-    mm = sparseham.MaskManager(model, opt, method=rigl, total_steps=STEPS, tracker=sparseham.SignFlipTracker())
+    mm = sparseham.MaskManager(model, opt, method=rigl, total_steps=STEPS,
+                               tracker=sparseham.SignFlipTracker())
     return model, opt, mm
 
 

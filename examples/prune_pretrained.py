@@ -25,7 +25,8 @@ SMALL = os.environ.get("SPARSEHAM_EXAMPLE_SMALL") == "1"
 PRETRAIN, FINETUNE, SEQ = (20, 10, 32) if SMALL else (150, 100, 64)
 
 stdlib = Path(sysconfig.get_paths()["stdlib"])
-text = b"".join((stdlib / name).read_bytes() for name in ("bisect.py", "heapq.py", "colorsys.py", "textwrap.py"))
+names = ("bisect.py", "heapq.py", "colorsys.py", "textwrap.py")
+text = b"".join((stdlib / name).read_bytes() for name in names)
 ids = torch.tensor(list(text[: len(text) // SEQ * SEQ]), dtype=torch.long).view(-1, SEQ)
 g = torch.Generator().manual_seed(0)
 ids = ids[torch.randperm(len(ids), generator=g)]

@@ -25,7 +25,7 @@ from docutils.statemachine import StringList
 from sphinx.util.docutils import SphinxDirective
 from sphinx.util.nodes import nested_parse_with_titles
 
-__all__ = ["config_keys", "setup"]
+__all__ = ["config_keys", "setup", "sources_digest"]
 
 ROOT = Path(__file__).resolve().parents[2]
 _KEY = re.compile(r"^(?P<key>[A-Za-z_][\w.]*): (?P<type>.+?) = (?P<rest>.*)$")
@@ -69,6 +69,22 @@ def config_keys() -> list[dict[str, str]]:
         entries.append({"key": match["key"], "type": match["type"], "default": default, "limits": bound,
                         "help": "", "section": section if section else top})
     return entries
+
+
+def sources_digest() -> str:
+    """A digest of everything the site is built from (the docs' sources, the package, the
+    plug-ins, the examples, the study files): equal digests, equal sites. ``make docs`` writes it
+    beside a strict build, and ``tests/test_docs.py`` reuses that build only when it still holds."""
+    import hashlib
+
+    skip = {"_build", "_generated", "__pycache__"}
+    files = [p for top in ("docs", "sparseham", "methods", "analysis", "configs", "examples")
+             for p in (ROOT / top).rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+    files += [p for p in (ROOT / "benchmarks").glob("*.md")]
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _literal(text: str) -> str:
@@ -174,7 +190,8 @@ class Runs(SphinxDirective):
             raise self.error(f"{path}: no column {', '.join(missing)}")
         lines = [".. list-table::", "   :header-rows: 1", ""]
         for row in [dict(zip(columns, columns)), *rows]:
-            lines += [f"   * - {_literal(row[columns[0]])}"] + [f"     - {_literal(row[c])}" for c in columns[1:]]
+            lines += [f"   * - {_literal(row[columns[0]])}"]
+            lines += [f"     - {_literal(row[c])}" for c in columns[1:]]
         node = nodes.container()
         self.state.nested_parse(StringList(lines, source=str(path)), 0, node)
         return node.children
@@ -214,3 +231,11 @@ def setup(app):
     app.add_directive("sparseham-methods-table", MethodsTable)
     app.add_directive("sparseham-runs", Runs)
     return {"parallel_read_safe": True, "parallel_write_safe": True, "version": "1"}
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--digest"]:
+        sys.exit("usage: python docs/_ext/sparseham_docs.py --digest")
+    print(sources_digest())
