@@ -45,8 +45,9 @@ each layer keeps its share of the exact budget in proportion to the weights STR 
 :math:`|W|`, which within a layer is STR's own mask :math:`|W| > \sigma(s_l)`; so it moves only what
 the remaining sparsity error demands. Measured on Fashion-MNIST (``configs/studies/str_projection.yaml``):
 with the ramp alone the projection moved 1.9-17% of the kept weights, with the window's shift
-0.2-0.5% on LeNet-300 (README). How many kept weights the projection moved, the shifts, and the
-per-layer densities before and after it are recorded (``projection``). Either way the saved
+0.2-0.5% on LeNet-300 (docs/evidence/str-projection.md). How many kept weights the projection
+moved, the shifts, and the per-layer densities before and after it are recorded (``projection``).
+Either way the saved
 weights are the effective sparse weights and the mask matches them.
 
 Deviation from the reference: target mode has no counterpart in RAIVNLab/STR, which reaches a

@@ -268,6 +268,12 @@ def test_the_adding_a_method_snippet_registers_a_working_method():
         registry._REGISTRY.update(saved)
 
 
+def test_the_own_loop_guide_shows_the_snippet_the_readme_test_runs():
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[0]  # run by tests/test_readme.py
+    assert f"```python\n{snippet}```" in (DOCS / "guides/own-loop.md").read_text()
+
+
 # -- The built site in a browser --------------------------------------------------------------------
 def test_every_page_is_built_without_an_error_marker(site):
     pages = sorted(site.rglob("*.html"))
