@@ -47,8 +47,7 @@ the remaining sparsity error demands. Measured on Fashion-MNIST (``configs/studi
 with the ramp alone the projection moved 1.9-17% of the kept weights, with the window's shift
 0.2-0.5% on LeNet-300 (docs/evidence/str-projection.md). How many kept weights the projection
 moved, the shifts, and the per-layer densities before and after it are recorded (``projection``).
-Either way the saved
-weights are the effective sparse weights and the mask matches them.
+Either way the saved weights are the effective sparse weights and the mask matches them.
 
 Deviation from the reference: target mode has no counterpart in RAIVNLab/STR, which reaches a
 sparsity only through ``s_init`` and the decay; ``mode: free`` is the reference.
