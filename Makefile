@@ -1,5 +1,5 @@
 # Two entry points (see README): `make demo` trains the default config end to end,
-# `make test` runs ruff and the test suite. Both are idempotent.
+# `make test` runs ruff, the strict docs build (`make docs`) and the test suite. Both are idempotent.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ RUN    ?= runs/default
 APT    := $(shell command -v apt-get 2>/dev/null)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data sysdeps browser clean study mutate mutation-score
+.PHONY: demo test setup data sysdeps browser clean study mutate mutation-score docs
 
 setup: $(VENV)/.installed
 
@@ -47,12 +47,21 @@ demo: data
 
 # The suite in parallel (pytest-xdist), one process per core up to 4: each test process runs
 # torch on one thread (tests/conftest.py), and the end-to-end tests start processes of their own.
-# Its measured times are in the README (Testing).
+# Its measured times are in docs/development.md.
 JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
-test: data browser
+test: data browser docs
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n $(JOBS) --dist worksteal
+
+# The docs site, strictly: a fresh build (-E) in which any warning or unresolved reference fails
+# (-W -n), into docs/_build/html (not committed); the stamp lets tests/test_docs.py reuse this build.
+DOCS_OUT := docs/_build/html
+docs: setup
+	@rm -f $(DOCS_OUT)/.strict-build
+	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -b html docs $(DOCS_OUT)
+	$(PY) docs/_ext/sparseham_docs.py --digest > $(DOCS_OUT)/.strict-build
+	@echo "The docs: $(DOCS_OUT)/index.html"
 
 # Deliberate one-line bugs (tools/mutations.yaml), each against its tests; not part of `make test`.
 mutate: data
@@ -65,7 +74,7 @@ mutation-score: data
 	$(PY) tools/mutation_score.py $(if $(MODULES),--only $(MODULES))
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build *.egg-info docs/_build docs/_generated
 
 # The study behind the README's results (issue 17; many hours on 2 cores). Every finished cell
 # is a row of a committed CSV, so this resumes on any machine: 1. equal-budget tuning on

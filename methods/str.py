@@ -42,12 +42,12 @@ the target (or at ``project_by`` regardless), a projection onto the exact target
 is left, and the rest of training fine-tunes that mask. The projection keeps STR's allocation:
 each layer keeps its share of the exact budget in proportion to the weights STR kept there
 (layers in ``dense_layers``/``layer_density`` keep their own counts), by the largest latent
-|W|, which within a layer is STR's own mask |W| > σ(s_l); so it moves only what the remaining
-sparsity error demands. Measured on Fashion-MNIST (``configs/studies/str_projection.yaml``):
+:math:`|W|`, which within a layer is STR's own mask :math:`|W| > \sigma(s_l)`; so it moves only what
+the remaining sparsity error demands. Measured on Fashion-MNIST (``configs/studies/str_projection.yaml``):
 with the ramp alone the projection moved 1.9-17% of the kept weights, with the window's shift
-0.2-0.5% on LeNet-300 (README). How many kept weights the projection moved, the shifts, and the
-per-layer densities before and after it are recorded (``projection``). Either way the saved
-weights are the effective sparse weights and the mask matches them.
+0.2-0.5% on LeNet-300 (docs/evidence/str-projection.md). How many kept weights the projection
+moved, the shifts, and the per-layer densities before and after it are recorded (``projection``).
+Either way the saved weights are the effective sparse weights and the mask matches them.
 
 Deviation from the reference: target mode has no counterpart in RAIVNLab/STR, which reaches a
 sparsity only through ``s_init`` and the decay; ``mode: free`` is the reference.

@@ -1,4 +1,4 @@
-"""The sparse pipeline in a Hugging Face ``transformers`` Trainer (``pip install .[hf]``).
+"""The sparse pipeline in a Hugging Face ``transformers`` Trainer (``pip install .[hf]``)::
 
     from sparseham import SignFlipTracker, methods
     from sparseham.integrations.hf import SparseTrainer
@@ -74,7 +74,7 @@ class SparseTrainer(Trainer):
         teacher: a model whose logits the student's are distilled towards (frozen, put in eval mode
             and on the model's device here), or None for the plain loss.
         distill_temperature, distill_weight: T and w of the distillation (module docstring).
-        *args, **kwargs: the ``Trainer``'s own.
+        args, kwargs: the ``Trainer``'s own positional and keyword arguments.
     """
 
     def __init__(self, *args, method, ham: dict[str, Any] | None = None, tracker=None, include=None,

@@ -1,4 +1,4 @@
-"""The sparse pipeline in Lightning, as a ``Callback`` (``pip install .[lightning]``).
+"""The sparse pipeline in Lightning, as a ``Callback`` (``pip install .[lightning]``)::
 
     from sparseham import SignFlipTracker, methods
     from sparseham.integrations.lightning import SparseCallback
