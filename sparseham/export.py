@@ -15,7 +15,7 @@ Formats (every file is a plain ``torch.save`` of tensors and strings, loadable w
 - ``hf``: for a run of an ``hf:`` language model, ``--out`` is a directory written by
   ``save_pretrained`` (safetensors), with the keys as the ``transformers`` model has them (no ``lm.``
   prefix), the masks baked in, the run's tokenizer beside it, and ``sparseham.json`` with the run's
-  text settings (:mod:`sparseham.models.hf_io`). Plain ``from_pretrained`` loads it.
+  text settings (``sparseham.models.hf_io``). Plain ``from_pretrained`` loads it.
 
 Writes are atomic (a temporary file or directory, then a rename), and the size and the compression ratio
 against the dense file are returned and printed.
