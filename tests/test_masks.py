@@ -319,3 +319,18 @@ def test_the_manager_says_in_one_line_what_it_manages_and_counts_tied_weights_on
     mm.verify()
     MaskManager(model, None, Swapper(0.5), verbose=False)
     assert capsys.readouterr().err == ""
+
+
+def test_zero_state_takes_flat_indices_as_well_as_masks_and_masking_needs_no_no_grad():
+    model, opt, mm = _setup()
+    _train_step(model, opt, mm, 0)
+    p = mm.params[1]
+    buf = opt.state[p]["momentum_buffer"]
+    buf.fill_(1.0)
+    mm.zero_state_([torch.tensor([0, 5, 17]) if i == 1 else torch.zeros(q.shape, dtype=torch.bool)
+                    for i, q in enumerate(mm.params)])
+    flat = buf.view(-1)
+    assert flat[[0, 5, 17]].eq(0).all() and int((flat == 0).sum()) == 3
+    with torch.enable_grad():  # weights that require grad are masked in place all the same
+        mm.apply_masks_()
+    assert all(torch.all(q[~m] == 0) for q, m in zip(mm.params, mm.masks))

@@ -30,7 +30,7 @@ from mutate import _copy_tree, _where  # noqa: E402  (the installed-layout copy 
 MODULES = {
     "sparseham/ham.py": ["tests/test_ham.py"],
     "sparseham/_step/mirror.py": ["tests/test_ham.py", "tests/test_ham_exp.py"],
-    "sparseham/_step/masking.py": ["tests/test_masks.py"],
+    "sparseham/_step/masking.py": ["tests/test_masks.py", "tests/test_methods.py"],
     "sparseham/_step/signflip.py": ["tests/test_tracking.py"],
     "sparseham/_step/one_pass.py": ["tests/test_fused_step.py"],
     "sparseham/masks.py": ["tests/test_masks.py", "tests/test_own_loop.py"],
