@@ -246,3 +246,23 @@ def test_export_hf_refuses_an_existing_out(lm_run, tmp_path, capsys):
     assert "--out {} exists; give a new directory".format(tmp_path / "taken") in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no partial copy left beside it
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+
+
+def test_the_llama_subject_builds_resumably_into_a_plain_transformers_directory(tmp_path, capsys):
+    from sparseham.models.llama_small import build_llama_small
+    from sparseham.models.llama_small import main as build_main
+
+    small = ["data.text.max_bytes=40000", "data.text.seq_len=32", "data.batch_size=4", "train.max_steps=3",
+             "model.hf.hidden_size=32", "model.hf.intermediate_size=64", "model.hf.num_hidden_layers=1",
+             "model.hf.num_attention_heads=2", "model.hf.num_key_value_heads=2", "checkpoint.every=0"]
+    model = build_llama_small(tmp_path, overrides=small, progress=False)
+    assert model == tmp_path / "llama_small" / "model"
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model)
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    text = "def add(a, b):\n    return a + b\n"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # byte-level: exact round trip
+    assert lm.config.vocab_size == len(tok) > 256
+    assert json.loads((model / "sparseham.json").read_text())["text"]["seq_len"] == 32
+    capsys.readouterr()
+    assert build_main(["--root", str(tmp_path)]) == 0  # found: nothing is trained again
+    assert capsys.readouterr().out.strip() == str(model)

@@ -4,7 +4,8 @@ Python's standard library.
 The files are :func:`~sparseham.data.text.corpus_files` ``("stdlib")`` in sorted order (the ``.py``
 sources without ``site-packages``, ``test`` and ``idlelib``); in each, the docstrings of the module,
 its classes and functions in source order. A docstring's first sentence is its first paragraph,
-whitespace collapsed, cut after the first ``.``, ``!`` or ``?`` that a space or the end follows.
+whitespace collapsed, cut after the first ``.``, ``!`` or ``?`` that a space or the end follows
+(not the one of "e.g." or "i.e.").
 Kept are sentences of :data:`MIN_CHARS` to :data:`MAX_CHARS` characters with at least three words,
 each once (the first occurrence). A file that does not parse is skipped.
 
@@ -15,6 +16,7 @@ calibration and held-out sentences, so both halves cover the whole library.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import re
 import warnings
@@ -28,7 +30,7 @@ __all__ = ["MAX_CHARS", "MIN_CHARS", "SENTENCE_SEED", "docstring_sentences", "fi
 MIN_CHARS, MAX_CHARS = 20, 300
 #: Fixes the draw of :func:`sentence_split`.
 SENTENCE_SEED = 0x5EED
-_END = re.compile(r"(?<=[.!?])(\s|$)")
+_END = re.compile(r"(?<!e\.g\.)(?<!i\.e\.)(?<=[.!?])(\s|$)")
 _DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -57,6 +59,11 @@ def _docstrings(source: bytes) -> list[str]:
 
 def docstring_sentences() -> list[str]:
     """Every kept first sentence of the standard library's docstrings, in order, each once."""
+    return list(_sentences())
+
+
+@functools.cache  # parsing the whole standard library takes seconds; it does not change in a process
+def _sentences() -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for path in corpus_files("stdlib"):
         try:
@@ -67,7 +74,7 @@ def docstring_sentences() -> list[str]:
             sentence = first_sentence(doc)
             if sentence is not None:
                 seen.setdefault(sentence)
-    return list(seen)
+    return tuple(seen)
 
 
 def sentence_split(count: int = 1024, seed: int = SENTENCE_SEED) -> tuple[list[str], list[str]]:
