@@ -146,6 +146,7 @@ def _trainer(model, mm: MaskManager, device: torch.device, amp) -> Trainer:
     t = Trainer.__new__(Trainer)
     t.device, t.amp, t.net, t.model, t.accum, t.scaler = device, amp, model, model, 1, None
     t.opt, t.mm, t.logger, t.step, t.skipped = mm.optimizer, mm, _Accumulators(device), 0, 0
+    t.teacher = None  # no distillation
     t.cfg = SimpleNamespace(train=SimpleNamespace(on_nonfinite="skip"),
                             optim=SimpleNamespace(grad_clip=None, sam=SimpleNamespace(rho=None)))
     t.steps_per_epoch = 1

@@ -331,6 +331,7 @@ def test_half_step_allocates_no_persistent_state():
         "_caps",
         "_steps",
         "_warned_staged",
+        "_names",  # parameter -> name, for the diagnostics (no tensor of its own)
     }
     # The diagnostics keep two counters per tensor, never per weight.
     assert all(t.ndim == 0 for t in [*opt._hits.values(), *opt._caps.values()])

@@ -151,7 +151,7 @@ CONFIG_ERRORS = {
     "unknown method": (
         CONFIG,
         ["sparsity.method=rigll"],
-        ["'rigll': unknown method; did you mean 'rigl'?", "known: acdc, dense, gmp, rigl"],
+        ["'rigll': unknown method; did you mean 'rigl'?", "known: acdc, dense, gmp, magnitude, rigl"],
     ),
     "unknown dataset": (
         CONFIG,
