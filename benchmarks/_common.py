@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["QUICK_SHAPES", "Summary", "interleaved", "machine", "model_shapes", "shapes_cli", "summarize",
-           "weight_shapes", "write_report"]
+__all__ = ["QUICK_SHAPES", "Summary", "cpu_model", "interleaved", "isa", "isa_line", "machine",
+           "model_shapes", "shapes_cli", "summarize", "verdict", "weight_shapes", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,12 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int,
     return samples
 
 
-# Environment variables that change the timings: threads and glibc's allocator.
-_ENV = ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+# Environment variables that change the timings: threads, glibc's allocator, the vector ISA.
+_ENV = ("OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+        "ATEN_CPU_CAPABILITY", "TORCHINDUCTOR_CPP_MARCH")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -85,9 +86,44 @@ def machine() -> str:
     """One line: CPU model, cores, torch threads, load, torch and Python versions, and env."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     env = [f"{k}={os.environ[k]}" for k in _ENV if k in os.environ]
-    return (f"{_cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+    return (f"{cpu_model()}, {os.cpu_count()} cores, vector ISA {isa()}, "
+            f"torch threads {torch.get_num_threads()}, "
             f"load {load:.1f}; torch {torch.__version__}, Python {platform.python_version()}"
             + (f"; {' '.join(env)}" if env else ""))
+
+
+def isa() -> str:
+    """The vector ISA torch's CPU kernels use here (``ATEN_CPU_CAPABILITY`` can lower it)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return set(next((line.split(":", 1)[1] for line in fh if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def isa_line() -> str:
+    """One line: the ISA in use, and whether it is the CPU's own or a lower one chosen by
+    ``ATEN_CPU_CAPABILITY`` (an AVX2 run emulated on an AVX-512 CPU, say)."""
+    own = "AVX512" if "avx512f" in _cpu_flags() else "AVX2" if "avx2" in _cpu_flags() else "unknown"
+    used = isa()
+    if used == own or own == "unknown":
+        return f"vector ISA: {used} (the CPU's own)"
+    march = os.environ.get("TORCHINDUCTOR_CPP_MARCH", "native")
+    return (f"vector ISA: {used}, lowered from the CPU's {own} by ATEN_CPU_CAPABILITY (ATen's kernels and "
+            f"the C++ one-pass loop use {used}; inductor's code -march={march}): an emulation, the memory "
+            "system and cores are this CPU's")
+
+
+def verdict(name: str, value: float, target: float, *, upper: bool = True, unit: str = "x") -> str:
+    """``name: value, target <= t: MET`` (or ``>=`` with ``upper=False``), or by how much it is missed."""
+    met = value <= target if upper else value >= target
+    miss = "" if met else f" by {abs(value - target):.2f}{unit}"
+    return (f"{name}: {value:.2f}{unit}, target {'<=' if upper else '>='} {target}{unit}: "
+            f"{'MET' if met else 'NOT MET' + miss}")
 
 
 def model_shapes(name: str) -> list[tuple[int, ...]]:

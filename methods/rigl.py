@@ -46,7 +46,7 @@ import torch
 from sparseham import sharding
 from sparseham.method import Method
 from sparseham.schedules import cosine_drop_fraction, periodic
-from sparseham.topk import topk_mask
+from sparseham.topk import topk_magnitude_mask, topk_mask
 
 from . import register
 from ._common import (
@@ -198,7 +198,7 @@ class RigL(Method):
     def _reference_update(self, manager, step: int) -> None:
         new, fresh = [], []
         for i, (p, m, d) in enumerate(zip(manager.params, manager.masks, self._drops(manager, step))):
-            keep = topk_mask(p.detach().abs().masked_fill(~m, -torch.inf), self.counts[i] - d)
+            keep = topk_magnitude_mask(p.detach(), self.counts[i] - d, among=m)
             score = self.grow_score(manager, i, step).masked_fill_(keep, -torch.inf)  # all but the kept
             mask = keep | topk_mask(score, d)
             del score
@@ -219,7 +219,8 @@ class RigL(Method):
         drops = self._drops(manager, step)
         for i, (p, m, d) in enumerate(zip(manager.params, manager.masks, drops)):
             # The d smallest active |w| leave: the active weights but the largest k - d stay.
-            stay = topk_mask(p.detach().abs().masked_fill(~m, -torch.inf), int(self.counts[i]) - d)
+            # topk_mask(|w| where active, else -inf), without a float score of the whole layer
+            stay = topk_magnitude_mask(p.detach(), int(self.counts[i]) - d, among=m)
             mask = stay | self._grow[i]
             new.append(mask)
             self._grow[i] = None  # release each layer's indices as soon as it is done

@@ -1,8 +1,15 @@
 """Exact top-k masks without a full sort.
 
-Every mask in sparseham keeps exactly ``k`` entries. The threshold is found by selection
-(``torch.kthvalue``, O(n)), and ties at the threshold are broken towards the lower flat index with
-a cumulative sum, so the result is deterministic on every process and device.
+Every mask in sparseham keeps exactly ``k`` entries, and ties at the threshold go to the lower flat
+index, so the result is deterministic on every process and device. The threshold is the exact
+k-th largest value, found by selection (``torch.kthvalue``, O(n)):
+
+- on the CPU, where reading a count on the host costs nothing, selection runs only over the
+  candidates above a bound taken from a strided sample (about ``k`` entries, not ``n``: kthvalue
+  copies its input and adds an int64 index per entry), and ties are broken only when there are
+  more of them than places left, with ``nonzero`` on the tie mask of one chunk (issue 35);
+- elsewhere (CUDA), with no host read: ``kthvalue`` over all entries, and ties broken with a
+  cumulative sum over the tie mask.
 
 Over FSDP2 shards (``DTensor``) the same masks come out, as shards: each rank takes its local
 top-``min(k, n_local)`` candidates (the same value-then-lower-flat-index order), only those are
@@ -22,7 +29,7 @@ from torch import Tensor
 
 from . import sharding
 
-__all__ = ["topk_mask", "global_topk_masks", "nm_mask", "nm_groups", "nm_kept"]
+__all__ = ["topk_mask", "topk_magnitude_mask", "global_topk_masks", "nm_mask", "nm_groups", "nm_kept"]
 
 
 def topk_mask(scores: Tensor, k: int | Tensor) -> Tensor:
@@ -43,6 +50,8 @@ def topk_mask(scores: Tensor, k: int | Tensor) -> Tensor:
             return torch.ones_like(scores, dtype=torch.bool)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()  # kthvalue needs a full-precision float; float64 keeps tiny/huge scores apart
+    if flat.device.type == "cpu":
+        return _host_topk(flat, int(k)).view(scores.shape)
     flat = torch.nan_to_num(flat, nan=-torch.inf)
     # The k-th largest is the (n - k + 1)-th smallest.
     threshold = torch.kthvalue(flat, n - k + 1).values
@@ -51,6 +60,105 @@ def topk_mask(scores: Tensor, k: int | Tensor) -> Tensor:
     need = k - above.sum(dtype=torch.int32)
     keep = above | (ties & (ties.cumsum(0, dtype=torch.int32) <= need))
     return keep.view(scores.shape)
+
+
+_SAMPLE = 2**14  # entries of the strided sample that bounds the candidates
+_CHUNK = 2**18  # entries per chunk where scores are made chunk by chunk
+
+
+def _host_topk(flat: Tensor, k: int) -> Tensor:
+    """:func:`topk_mask` of a 1-D float tensor on the CPU, with host reads (see the module docstring)."""
+    n = flat.numel()
+    if k <= 0 or k >= n:
+        return torch.full_like(flat, k > 0, dtype=torch.bool)
+    if not bool(torch.isnan(flat.sum())) or not bool(torch.isnan(flat).any()):  # a sum: no n-entry mask
+        keep = _select(n, lambda a, b, step=1: flat[a:b:step], k, n)
+        if keep is not None:
+            return keep
+    # A NaN, or a threshold at an infinity: map as the device path does (NaN to -inf, +-inf to
+    # the largest finite values), in a copy, so every device ranks alike.
+    mapped = torch.nan_to_num(flat, nan=-torch.inf)
+    return _select(n, lambda a, b, step=1: mapped[a:b:step], k, n, exact=True)
+
+
+def topk_magnitude_mask(values: Tensor, k: int | Tensor, among: Tensor) -> Tensor:
+    """``topk_mask(values.abs().masked_fill(~among, -inf), k)``: the ``k`` entries of largest
+    magnitude where the bool ``among`` is set, the same mask bit for bit.
+
+    On the CPU the scores are made chunk by chunk (2^18 entries) and never held whole: the mask,
+    the candidates of the selection and one chunk are the extra memory (RigL's drop step on the
+    largest layer, issue 35). Elsewhere, and for sharded, NaN or non-float32/64 ``values``, the
+    expression above.
+    """
+    n = values.numel()
+    if sharding.is_sharded(values) or values.device.type != "cpu" or not 0 < int(k) < n \
+            or values.dtype not in (torch.float32, torch.float64) or bool(torch.isnan(values.sum())):
+        return topk_mask(values.abs().masked_fill(~among, -torch.inf), k)
+    k = int(k)
+    v, m = values.reshape(-1), among.reshape(-1)
+
+    def score(a: int, b: int, step: int = 1) -> Tensor:
+        return v[a:b:step].abs().masked_fill_(~m[a:b:step], -torch.inf)
+
+    keep = _select(n, score, k, _CHUNK)
+    if keep is None:  # the threshold is an infinity: rank as the device path does
+        return topk_mask(values.abs().masked_fill(~among, -torch.inf), k)
+    return keep.view(values.shape)
+
+
+def _select(n: int, score, k: int, chunk: int, exact: bool = False) -> Tensor | None:
+    """The mask of the ``k`` largest of ``n`` scores, ties to the lower flat index; ``score(a, b,
+    step)`` gives entries ``a, a + step, ... < b``. ``None`` where the threshold is infinite or the
+    largest finite value (there the device path's mapping of infinities could tie other entries),
+    unless ``exact`` (the scores are mapped already)."""
+    largest = k <= n - k + 1  # the k-th largest is the (n - k + 1)-th smallest: select from the nearer end
+    value, candidates = _threshold(n, score, k if largest else n - k + 1, largest, chunk)
+    if not exact and not abs(float(value)) < torch.finfo(value.dtype).max:
+        return None
+    keep = torch.empty(n, dtype=torch.bool, device=value.device)
+    for a in range(0, n, chunk):
+        torch.ge(score(a, a + chunk), value, out=keep[a:a + chunk])
+    # Counted among the candidates, which hold every entry at or beyond the threshold.
+    if largest:
+        extra = int(torch.count_nonzero(candidates >= value)) - k
+    else:
+        extra = n - int(torch.count_nonzero(candidates < value)) - k
+    if extra:  # ties at the threshold beyond the places left: the last ones (in flat order) leave
+        fits, seen = int(torch.count_nonzero(candidates == value)) - extra, 0
+        for a in range(0, n, chunk):
+            ties = score(a, a + chunk) == value
+            count = int(torch.count_nonzero(ties))
+            if seen + count > fits:
+                if seen < fits:
+                    ties[:int(ties.nonzero()[fits - seen - 1]) + 1] = False  # one host read per update
+                keep[a:a + chunk] ^= ties  # ties lie inside keep
+            seen += count
+    return keep
+
+
+def _threshold(n: int, score, k: int, largest: bool, chunk: int) -> tuple[Tensor, Tensor]:
+    """The k-th largest (smallest) score and the candidates it was selected from: ``kthvalue``
+    over the scores at or beyond a bound, the ``r``-th of every ``s``-th score with ``r`` four
+    standard deviations beyond its expected ``k/s``. A bound that leaves fewer than ``k`` (an
+    unlucky sample) falls back to every score."""
+    step = n // _SAMPLE
+    if step >= 2:
+        sample = score(0, n, step)
+        expected = k / step
+        r = min(sample.numel(), math.ceil(expected + 4 * math.sqrt(expected) + 8))
+        bound = torch.kthvalue(sample, sample.numel() - r + 1 if largest else r).values
+        parts = []
+        for a in range(0, n, chunk):
+            part = score(a, a + chunk)
+            parts.append(part[part >= bound] if largest else part[part <= bound])
+        candidates = torch.cat(parts) if len(parts) > 1 else parts[0]
+        del parts
+        count = candidates.numel()
+        if count >= k:
+            return torch.kthvalue(candidates, count - k + 1 if largest else k).values, candidates
+        del candidates
+    every = torch.cat([score(a, a + chunk) for a in range(0, n, chunk)]) if chunk < n else score(0, n)
+    return torch.kthvalue(every, n - k + 1 if largest else k).values, every
 
 
 def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:

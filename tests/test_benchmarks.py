@@ -42,8 +42,16 @@ def test_tracker_quick(tmp_path, monkeypatch):
     assert all(s["n"] == 2 for s in result["seconds_per_step"].values())
 
 
-def test_rigl_update_quick(tmp_path, monkeypatch):
-    result = run_script("rigl_update", tmp_path, monkeypatch)["result"]
+def test_rigl_update_quick(tmp_path, monkeypatch, capsys):
+    report = run_script("rigl_update", tmp_path, monkeypatch)
+    result = report["result"]
+    out = capsys.readouterr().out
+    assert "vector ISA" in out and "rigl peak extra memory: " in out and "target <= 1.5 B/weight" in out
+    versus = report["rigl_torch"]
+    if "skipped" in versus:  # rigl-torch is not installed here: the benchmark says so
+        assert "rigl-torch: rigl-torch is not importable" in out
+    else:
+        assert versus["version"] == "0.5.2" and "rigl-torch / ours" in out
     assert result["identical_masks"] is True
     # The memory method sees exactly one 4 MiB tensor; between pre_step and post_step RigL holds
     # the grown set as one bool mask per layer (topk_mask: ties to the lower flat index, the same
@@ -97,12 +105,21 @@ def test_inference_quick(tmp_path, monkeypatch):
 def test_pipeline_step_quick(tmp_path, monkeypatch):
     (result,) = run_script("pipeline_step", tmp_path, monkeypatch)["results"]
     assert result["tensors"] == 2 and result["numel"] == 64 * 16 * 9 + 128 * 64
-    variants = ("pipeline_staged", "pipeline_one_pass", "pipeline_one_pass_no_cap", "ham_staged",
-                "ham_one_pass", "ham_one_pass_no_cap")
-    stages = {"kernel_sgd", "kernel_+mirror", "kernel_+masks", "kernel_+tracker", "kernel_calls_only"}
+    variants = ("pipeline_staged", "pipeline_one_pass", "pipeline_one_pass_no_cap",
+                "pipeline_one_pass_inductor", "ham_staged", "ham_one_pass", "ham_one_pass_no_cap",
+                "ham_one_pass_inductor")
+    stages = {f"{code}_{row}" for code in ("kernel", "native")
+              for row in ("sgd", "+mirror", "+masks", "+tracker", "calls_only")}
     assert set(result["ratio_over_base"]) == ({f"{o}_{v}" for o in ("sgd", "adamw") for v in variants}
                                               | stages | {"roofline", "grad_reset"})
     assert all(s["n"] == 2 for s in result["seconds"].values())
+    # The targets with verdicts, the fastest path per optimizer, and the ISA they were measured on.
+    assert result["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert result["target"] == (2.0 if result["isa"] == "AVX2" else 1.5)
+    verdicts = "\n".join(result["verdicts"])
+    for opt in ("sgd", "adamw"):
+        assert f"{opt}_pipeline_one_pass / {opt}: " in verdicts and f"fastest {opt} pipeline on " in verdicts
+    assert "MET" in verdicts
 
 
 @pytest.mark.compiled

@@ -1,23 +1,44 @@
 """One way to compile a kernel: its own Dynamo cache, quiet on CPU-only machines, eager on failure.
 
 Every compiled path of the step (the one-pass step, ``HAM(fused=True)``'s mirror pass and
-``SignFlipTracker(fused=True)``) goes through :func:`compile_kernel`.
+``SignFlipTracker(fused=True)``) goes through :func:`compile_kernel`. A first step that compiles
+says so in one line on stderr (:func:`notice`): seconds of silence otherwise look like a hang.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 from functools import cache
 
 import torch
 
-__all__ = ["compile_kernel", "has_code_generator", "import_cpp_extension_quietly"]
+__all__ = ["compile_enabled", "compile_kernel", "has_code_generator", "import_cpp_extension_quietly",
+           "notice"]
 
 _numbers = itertools.count()
+_said: set[str] = set()
+
+
+def compile_enabled() -> bool:
+    """Whether ``torch.compile`` compiles at all here (``TORCH_COMPILE_DISABLE=1`` turns it off)."""
+    disabled = getattr(torch._dynamo.config, "disable", None)
+    if disabled is None:  # hidden: a monkeypatch's undo deletes a config entry; the environment decides
+        disabled = os.environ.get("TORCH_COMPILE_DISABLE", "0") == "1"
+    return not disabled
+
+
+def notice(message: str) -> None:
+    """Print ``message`` to stderr, once per process, when compiling is on (a line, not a warning:
+    nothing is wrong, and warnings filters turned into errors must not stop the step)."""
+    if message not in _said and compile_enabled():
+        _said.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def import_cpp_extension_quietly() -> None:
@@ -45,7 +66,8 @@ def has_code_generator(device_type: str) -> bool:
     return False
 
 
-def compile_kernel(fn: Callable, name: str, *, dynamic: bool | None, fallback: str) -> Callable:
+def compile_kernel(fn: Callable, name: str, *, dynamic: bool | None, fallback: str,
+                   backend: str = "inductor") -> Callable:
     """``torch.compile(fn, fullgraph=True)`` under a code object of its own, falling back to eager.
 
     Dynamo keeps its graphs and its recompile limit (fatal under ``fullgraph``) per code object:
@@ -56,13 +78,16 @@ def compile_kernel(fn: Callable, name: str, *, dynamic: bool | None, fallback: s
     a faster uncompiled path): the same results, slower. While compiling is switched off
     (``TORCH_COMPILE_DISABLE=1``), ``fn`` runs eagerly without a warning: torch would run the
     function and only then fail on ``fullgraph``, and a second, eager run would apply the step twice.
+    ``backend="eager"``: dynamo's graph runs as traced (for a graph of custom ops with nothing to
+    generate).
     """
     def kernel(*args):
         return fn(*args)
 
     kernel.__code__ = kernel.__code__.replace(co_name=f"{name}_{next(_numbers)}")
     import_cpp_extension_quietly()
-    return _EagerOnFailure(torch.compile(kernel, fullgraph=True, dynamic=dynamic), fn, name, fallback)
+    compiled = torch.compile(kernel, fullgraph=True, dynamic=dynamic, backend=backend)
+    return _EagerOnFailure(compiled, fn, name, fallback)
 
 
 class _EagerOnFailure:

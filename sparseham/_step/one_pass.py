@@ -54,12 +54,12 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import sharding
-from . import masking, mirror, signflip
-from .compile import compile_kernel, has_code_generator
+from . import masking, mirror, native, signflip
+from .compile import compile_enabled, compile_kernel, has_code_generator, notice
 from .plan import GroupPlan
 
-__all__ = ["GROUPED", "Spec", "TensorStep", "base_step_only", "flat", "kernel", "scalars", "step_group",
-           "unsupported"]
+__all__ = ["GROUPED", "NATIVE", "Spec", "TensorStep", "base_step_only", "flat", "kernel", "scalars",
+           "step_group", "unsupported"]
 
 
 @dataclass(frozen=True)
@@ -154,20 +154,52 @@ def _one_pass_group(specs: tuple[Spec, ...], *args) -> None:
 
 
 @cache
-def kernel(specs: tuple[Spec, ...], grouped: bool) -> Callable:
+def kernel(specs: tuple[Spec, ...], grouped: bool, native_kernel: int = -1) -> Callable:
     """The compiled step: per tensor (one spec; ``dynamic=True``: any size), or per group of tensors
-    (``grouped``; one graph over their layout, the floats symbolic from their second value)."""
+    (``grouped``; one graph over their layout, the floats symbolic from their second value).
+
+    With ``native_kernel`` (from :func:`.native.load`) the per-tensor graph is one call of the C++
+    loop (a custom op, traced by dynamo alone: nothing for inductor to generate); run eagerly
+    (compiling disabled or failed) the same function runs the Python reference instead.
+    """
+    fallback = "ham.fused: false runs the staged foreach path"
     if grouped:
         def step(*args):
             _one_pass_group(specs, *args)
-    else:
-        (spec,) = specs
+        return compile_kernel(step, "one_pass_grouped", dynamic=None, fallback=fallback)
+    (spec,) = specs
+    if native_kernel >= 0:
+        def native_step(*args):
+            if torch.compiler.is_compiling():
+                native.step(native_kernel, *args)
+            else:
+                one_pass(spec, *args)
+        return compile_kernel(native_step, "one_pass", dynamic=True, fallback=fallback, backend="eager")
 
-        def step(*args):
-            one_pass(spec, *args)
-    name = "one_pass_grouped" if grouped else "one_pass"
-    return compile_kernel(step, name, dynamic=None if grouped else True,
-                          fallback="ham.fused: false runs the staged foreach path")
+    def step(*args):
+        one_pass(spec, *args)
+    return compile_kernel(step, "one_pass", dynamic=True, fallback=fallback)
+
+
+#: Whether float32 CPU tensors step through the C++ loop (:mod:`.native`); ``False``: inductor's code.
+NATIVE = True
+#: What the first step's compile costs, for the notice (measured on a busy 2-core EPYC, RESULTS.md).
+_COMPILE_SECONDS = {"native": 2, "inductor": 20}
+
+
+def _per_tensor_kernel(spec: Spec, p: Tensor) -> Callable:
+    """The per-tensor kernel for ``p`` (the C++ loop where it applies), saying so the first time
+    one compiles for ``p``'s dtype in this process."""
+    use_native = NATIVE and compile_enabled() and native.applies(spec, p.dtype, p.device)
+    if (p.dtype, use_native) not in _announced:
+        _announced.add((p.dtype, use_native))
+        seconds = _COMPILE_SECONDS["native" if use_native else "inductor"]
+        notice(f"sparseham: compiling the one-pass step for {str(p.dtype).removeprefix('torch.')} "
+               f"(once per process, ~{seconds} s; ham.fused: false skips it)")
+    return kernel((spec,), False, native.load(spec) if use_native else -1)
+
+
+_announced: set[tuple[torch.dtype, bool]] = set()
 
 
 _DENSE_KINDS = {SGD: "sgd", Adam: "adam", AdamW: "adam"}
@@ -255,11 +287,15 @@ def _state(base: Optimizer, p: Tensor, group: dict) -> tuple[list[Tensor | None]
 
 
 def flat(t: Tensor | None) -> Tensor | None:
-    """A 1-D view; bool and int8 as uint8 (inductor vectorizes uint8 loads, not bool or int8 ones)."""
+    """A 1-D alias; bool and int8 as uint8 (inductor vectorizes uint8 loads, not bool or int8 ones).
+
+    Detached, so not a view: dynamo guards a view's base, whose sizes of 0 or 1 are specialized,
+    and a 1x1 convolution or a linear weight would recompile the kernel (RESULTS.md, issue 35).
+    """
     if t is None:
         return None
     t = t.view(-1)
-    return t.view(torch.uint8) if t.dtype in (torch.bool, torch.int8) else t
+    return (t.view(torch.uint8) if t.dtype in (torch.bool, torch.int8) else t).detach()
 
 
 def scalars(values: tuple, device: torch.device) -> Tensor | tuple[float, ...]:
@@ -327,7 +363,7 @@ def step_group(base: Optimizer, group: dict, params: list[Tensor],
         if p.device.type in GROUPED:
             grouped.setdefault(p.device, []).append((spec, args))
         else:
-            kernel((spec,), False)(*args)
+            _per_tensor_kernel(spec, p)(*args)
     for todo in grouped.values():
         specs, per_tensor = zip(*todo)
         kernel(specs, True)(*(list(a) for a in zip(*per_tensor)))
