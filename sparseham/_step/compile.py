@@ -95,7 +95,7 @@ class _EagerOnFailure:
         self.fn, self.eager, self.name, self.fallback, self.tried = compiled, eager, name, fallback, False
 
     def __call__(self, *args):
-        if torch._dynamo.config.disable:  # torch.compile switched off (TORCH_COMPILE_DISABLE=1)
+        if not compile_enabled():  # torch.compile switched off (TORCH_COMPILE_DISABLE=1)
             return self.eager(*args)
         if self.tried:
             return self.fn(*args)
