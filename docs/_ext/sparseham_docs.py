@@ -163,10 +163,14 @@ class MethodsTable(SphinxDirective):
 
         lines = [".. list-table::", "   :header-rows: 1", "   :widths: 15 25 60", "",
                  "   * - name", "     - class", "     - what it does"]
+        modules = [methods.get(n).__module__ for n in methods.available()]
         for name in methods.available():
             cls = methods.get(name)
-            doc = inspect.getdoc(inspect.getmodule(cls)) or ""
-            first = _help(doc.split("\n\n", 1)[0].replace("\n", " ")) if doc else ""
+            # The module's first paragraph (already reStructuredText), or the class's where a module
+            # holds several methods (rigl.py: RigL and SET).
+            shared = modules.count(cls.__module__) > 1
+            doc = inspect.getdoc(cls if shared else inspect.getmodule(cls)) or ""
+            first = doc.split("\n\n", 1)[0].replace("\n", " ")
             lines += [f"   * - :doc:`{name} </methods/{name}>`",
                       f"     - :class:`~{cls.__module__}.{cls.__qualname__}`", f"     - {first}"]
         node = nodes.container()
