@@ -42,14 +42,12 @@ from pathlib import Path
 import torch
 
 from sparseham.analysis.cells import read_rows, source_commit
+from sparseham.analysis.pretrained_table import ARMS, METHODS, SPARSITIES, write_table
 
 __all__ = ["ARMS", "COLUMNS", "LLAMA_STEPS", "METHODS", "MINILM_STEPS", "SEEDS", "SPARSITIES", "Cell",
            "append", "cell_name", "grid", "main", "run"]
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-SPARSITIES = ("0.5", "0.7", "2:4")
 SEEDS = (0, 1, 2)
-ARMS = {"minilm": ("distill", "distill_ham"), "llama": ("plain", "ham", "distill", "distill_ham")}
 MINILM_STEPS = 25
 LLAMA_STEPS = 40
 STEPS = {"minilm": MINILM_STEPS, "llama": LLAMA_STEPS}
@@ -194,7 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "table":
-        from sparseham.analysis.pretrained_table import write_table
 
         print(write_table(args.csv, args.out))
         return 0
