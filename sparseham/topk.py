@@ -4,10 +4,11 @@ Every mask in sparseham keeps exactly ``k`` entries, and ties at the threshold g
 index, so the result is deterministic on every process and device. The threshold is the exact
 k-th largest value, found by selection (``torch.kthvalue``, O(n)):
 
-- on the CPU, where reading a count on the host costs nothing, selection runs only over the
-  candidates above a bound taken from a strided sample (about ``k`` entries, not ``n``: kthvalue
-  copies its input and adds an int64 index per entry), and ties are broken only when there are
-  more of them than places left, with ``nonzero`` on the tie mask of one chunk (issue 35);
+- on the CPU, where reading a count on the host costs nothing, selection runs only over a band
+  of candidates around the threshold, bracketed by a strided sample (a few percent of the
+  entries, not all: kthvalue copies its input and adds an int64 index per entry), and ties are
+  broken only when there are more of them than places left, with ``nonzero`` on the tie mask of
+  one chunk (issue 35);
 - elsewhere (CUDA), with no host read: ``kthvalue`` over all entries, and ties broken with a
   cumulative sum over the tie mask.
 
@@ -62,7 +63,7 @@ def topk_mask(scores: Tensor, k: int | Tensor) -> Tensor:
     return keep.view(scores.shape)
 
 
-_SAMPLE = 2**14  # entries of the strided sample that bounds the candidates
+_SAMPLE = 2**14  # entries of the strided sample that brackets the threshold
 _CHUNK = 2**18  # entries per chunk where scores are made chunk by chunk
 
 
@@ -71,14 +72,13 @@ def _host_topk(flat: Tensor, k: int) -> Tensor:
     n = flat.numel()
     if k <= 0 or k >= n:
         return torch.full_like(flat, k > 0, dtype=torch.bool)
-    if not bool(torch.isnan(flat.sum())) or not bool(torch.isnan(flat).any()):  # a sum: no n-entry mask
-        keep = _select(n, lambda a, b, step=1: flat[a:b:step], k, n)
-        if keep is not None:
-            return keep
-    # A NaN, or a threshold at an infinity: map as the device path does (NaN to -inf, +-inf to
+    keep = _select(n, lambda a, b, step=1: flat[a:b:step], k, _CHUNK)
+    if keep is not None:
+        return keep
+    # A threshold among NaN or at an infinity: map as the device path does (NaN to -inf, +-inf to
     # the largest finite values), in a copy, so every device ranks alike.
     mapped = torch.nan_to_num(flat, nan=-torch.inf)
-    return _select(n, lambda a, b, step=1: mapped[a:b:step], k, n, exact=True)
+    return _select(n, lambda a, b, step=1: mapped[a:b:step], k, _CHUNK, exact=True)
 
 
 def topk_magnitude_mask(values: Tensor, k: int | Tensor, among: Tensor) -> Tensor:
@@ -86,22 +86,23 @@ def topk_magnitude_mask(values: Tensor, k: int | Tensor, among: Tensor) -> Tenso
     magnitude where the bool ``among`` is set, the same mask bit for bit.
 
     On the CPU the scores are made chunk by chunk (2^18 entries) and never held whole: the mask,
-    the candidates of the selection and one chunk are the extra memory (RigL's drop step on the
-    largest layer, issue 35). Elsewhere, and for sharded, NaN or non-float32/64 ``values``, the
-    expression above.
+    the band of candidates and one chunk are the extra memory (RigL's drop step on the largest
+    layer, issue 35). Elsewhere, and for sharded, NaN or non-float32/64 ``values``, the expression
+    above.
     """
     n = values.numel()
     if sharding.is_sharded(values) or values.device.type != "cpu" or not 0 < int(k) < n \
-            or values.dtype not in (torch.float32, torch.float64) or bool(torch.isnan(values.sum())):
+            or values.dtype not in (torch.float32, torch.float64):
         return topk_mask(values.abs().masked_fill(~among, -torch.inf), k)
     k = int(k)
     v, m = values.reshape(-1), among.reshape(-1)
+    low = torch.tensor(-torch.inf, dtype=values.dtype)
 
     def score(a: int, b: int, step: int = 1) -> Tensor:
-        return v[a:b:step].abs().masked_fill_(~m[a:b:step], -torch.inf)
+        return torch.where(m[a:b:step], v[a:b:step].abs(), low)  # masked_fill_ is 3x slower here
 
     keep = _select(n, score, k, _CHUNK)
-    if keep is None:  # the threshold is an infinity: rank as the device path does
+    if keep is None:  # the threshold is among NaN or at an infinity: rank as the device path does
         return topk_mask(values.abs().masked_fill(~among, -torch.inf), k)
     return keep.view(values.shape)
 
@@ -110,55 +111,64 @@ def _select(n: int, score, k: int, chunk: int, exact: bool = False) -> Tensor | 
     """The mask of the ``k`` largest of ``n`` scores, ties to the lower flat index; ``score(a, b,
     step)`` gives entries ``a, a + step, ... < b``. ``None`` where the threshold is infinite or the
     largest finite value (there the device path's mapping of infinities could tie other entries),
-    unless ``exact`` (the scores are mapped already)."""
-    largest = k <= n - k + 1  # the k-th largest is the (n - k + 1)-th smallest: select from the nearer end
-    value, candidates = _threshold(n, score, k if largest else n - k + 1, largest, chunk)
+    or falls among NaN, unless ``exact`` (the scores are mapped already). A NaN compares false:
+    it is in neither the mask nor the band, so it ranks last, as mapped to -inf, as long as ``k``
+    numbers are there; otherwise the fallback sees it.
+
+    One pass over the scores: the entries above a band ``[lo, hi]`` go into the mask at once, the
+    band's entries and positions are kept; the k-th largest is selected in the band, and the band's
+    entries above it join the mask, and of those equal to it the first that fit (positions come
+    in flat order). A band that misses the k-th (an unlucky sample) falls back to every score.
+    """
+    lo, hi = _band(n, score, k)
+    keep = torch.empty(n, dtype=torch.bool)
+    where, values = [], []
+    for a in range(0, n, chunk):
+        part, mask = score(a, a + chunk), keep[a:a + chunk]
+        torch.gt(part, hi, out=mask)
+        at = torch.nonzero((part >= lo).logical_xor_(mask)).view(-1)  # >= lo and not > hi (mask is inside)
+        where.append(at + a)
+        values.append(part[at])
+    above = int(torch.count_nonzero(keep))
+    where, values = torch.cat(where), torch.cat(values)
+    if not above < k <= above + values.numel():  # the band missed the k-th: select from every score
+        keep.zero_()
+        above, where = 0, torch.arange(n)
+        values = torch.cat([score(a, a + chunk) for a in range(0, n, chunk)]) if chunk < n else score(0, n)
+        if not exact and bool(torch.isnan(values).any()):
+            return None
+    value = torch.kthvalue(values, values.numel() - (k - above) + 1).values
     if not exact and not abs(float(value)) < torch.finfo(value.dtype).max:
         return None
-    keep = torch.empty(n, dtype=torch.bool, device=value.device)
-    for a in range(0, n, chunk):
-        torch.ge(score(a, a + chunk), value, out=keep[a:a + chunk])
-    # Counted among the candidates, which hold every entry at or beyond the threshold.
-    if largest:
-        extra = int(torch.count_nonzero(candidates >= value)) - k
-    else:
-        extra = n - int(torch.count_nonzero(candidates < value)) - k
-    if extra:  # ties at the threshold beyond the places left: the last ones (in flat order) leave
-        fits, seen = int(torch.count_nonzero(candidates == value)) - extra, 0
-        for a in range(0, n, chunk):
-            ties = score(a, a + chunk) == value
-            count = int(torch.count_nonzero(ties))
-            if seen + count > fits:
-                if seen < fits:
-                    ties[:int(ties.nonzero()[fits - seen - 1]) + 1] = False  # one host read per update
-                keep[a:a + chunk] ^= ties  # ties lie inside keep
-            seen += count
+    higher = values > value
+    keep[where[higher]] = True
+    ties = where[values == value]  # in flat order: the lower indices first
+    keep[ties[:k - above - int(torch.count_nonzero(higher))]] = True
     return keep
 
 
-def _threshold(n: int, score, k: int, largest: bool, chunk: int) -> tuple[Tensor, Tensor]:
-    """The k-th largest (smallest) score and the candidates it was selected from: ``kthvalue``
-    over the scores at or beyond a bound, the ``r``-th of every ``s``-th score with ``r`` four
-    standard deviations beyond its expected ``k/s``. A bound that leaves fewer than ``k`` (an
-    unlucky sample) falls back to every score."""
-    step = n // _SAMPLE
-    if step >= 2:
-        sample = score(0, n, step)
-        expected = k / step
-        r = min(sample.numel(), math.ceil(expected + 4 * math.sqrt(expected) + 8))
-        bound = torch.kthvalue(sample, sample.numel() - r + 1 if largest else r).values
-        parts = []
-        for a in range(0, n, chunk):
-            part = score(a, a + chunk)
-            parts.append(part[part >= bound] if largest else part[part <= bound])
-        candidates = torch.cat(parts) if len(parts) > 1 else parts[0]
-        del parts
-        count = candidates.numel()
-        if count >= k:
-            return torch.kthvalue(candidates, count - k + 1 if largest else k).values, candidates
-        del candidates
-    every = torch.cat([score(a, a + chunk) for a in range(0, n, chunk)]) if chunk < n else score(0, n)
-    return torch.kthvalue(every, n - k + 1 if largest else k).values, every
+def _band(n: int, score, k: int) -> tuple[Tensor, Tensor]:
+    """Bounds ``lo <= hi`` that likely hold the k-th largest of the ``n`` scores between them: the
+    entries about four standard deviations either side of its expected rank in a strided sample
+    (a prime stride, so that it does not follow a weight's layout). Only the band is selected
+    from: ``kthvalue`` copies its input and adds an int64 index per entry."""
+    inf = torch.tensor(torch.inf)
+    if n < 2 * _SAMPLE:
+        return -inf, inf  # small: the band is everything
+    step = _prime_at_least(n // _SAMPLE)
+    sample = score(0, n, step)
+    size, expected = sample.numel(), k / step  # the k-th's rank in the sample, about
+    spread = 4 * math.sqrt(expected) + 8
+    top, bottom = math.floor(expected - spread), math.ceil(expected + spread)
+    hi = torch.kthvalue(sample, size - top + 1).values if top >= 1 else inf.to(sample.dtype)
+    lo = torch.kthvalue(sample, size - bottom + 1).values if bottom <= size else -inf.to(sample.dtype)
+    return lo, hi
+
+
+def _prime_at_least(m: int) -> int:
+    while any(m % d == 0 for d in range(2, math.isqrt(m) + 1)):
+        m += 1
+    return m
 
 
 def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:
