@@ -64,11 +64,13 @@ extern "C" void one_pass(float* __restrict p, const float* __restrict g, float* 
               nclamp = (float)(-ham[3]);
 #endif
   int64_t hit = 0, total = 0, unmasked = 0;
-  double sumsq = 0.0;  // the norm cap's sum of squares; float64, so its value is exact to float32
+  double sumsq = 0.0;  // the norm cap's sum of squares: float32 within a block, float64 across
   float peak = 0.0f;
-  int nan = 0;
-#pragma omp simd reduction(+ : hit, total, unmasked, sumsq) reduction(max : peak) reduction(| : nan)
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t start = 0; start < n; start += BLOCK) {
+  const int64_t end = start + BLOCK < n ? start + BLOCK : n;
+  float block = 0.0f;
+#pragma omp simd reduction(+ : hit, total, unmasked, block) reduction(max : peak)
+  for (int64_t i = start; i < end; ++i) {
     const float p0 = p[i];
     float d = g[i];
 #if MASKED
@@ -133,10 +135,9 @@ extern "C" void one_pass(float* __restrict p, const float* __restrict g, float* 
     s0[i] = b;
 #endif
 #if NORM
-    sumsq += (double)(x * x);
+    block += x * x;
     const float a = std::fabs(x);
     peak = a > peak ? a : peak;
-    nan |= x != x;  // the overflow bound stays NaN for a NaN entry, as amax's
 #endif
 #if TRACKED
     const int c = code[i], last = c & 3;
@@ -155,6 +156,8 @@ extern "C" void one_pass(float* __restrict p, const float* __restrict g, float* 
 #endif
 #endif
   }
+  sumsq += block;
+  }
 #if COUNT
   hits[0] += hit;
 #endif
@@ -164,11 +167,12 @@ extern "C" void one_pass(float* __restrict p, const float* __restrict g, float* 
 #endif
 #if NORM
   norms[0] = (float)std::sqrt(sumsq);
-  norms[1] = nan ? NAN : peak * (float)std::sqrt((double)n);
+  norms[1] = sumsq != sumsq ? NAN : peak * (float)std::sqrt((double)n);  // NaN for a NaN entry, as amax
 #endif
 }
 """
 
+_BLOCK = 1024  # entries whose squares are summed in float32 (16 lanes of 64), then added in float64
 _FLAGS = ("momentum", "nesterov", "weight_decay", "decoupled", "mirror", "pre_sign", "count", "norm",
           "masked", "tracked", "split", "hist")
 
@@ -185,7 +189,7 @@ def _hex(x: float) -> str:
 
 def source(spec) -> str:
     """The C++ source of ``spec``'s loop: its flags as ``#define`` s, then the loop."""
-    lines = [f"#define ADAM {int(spec.kind == 'adam')}"]
+    lines = [f"#define ADAM {int(spec.kind == 'adam')}", f"#define BLOCK {_BLOCK}"]
     lines += [f"#define {name.upper()} {int(getattr(spec, name))}" for name in _FLAGS]
     degree = spec.degree or 0
     inv = [1.0 / math.factorial(k) for k in range(degree + 1)]
