@@ -12,14 +12,12 @@ them is written out here: one ``for`` loop that g++/clang vectorize (``#pragma o
 ``-march=native``), the same arithmetic in the same order as :func:`.one_pass.one_pass`, with the
 hyperparameters rounded to float32 as inductor rounds them. Measurements: ``benchmarks/RESULTS.md``.
 
-One shared library per :class:`~.one_pass.Spec` (its flags are ``#define`` s, so the loop carries
-no branch), built with the C++ compiler :func:`.compile.has_code_generator` finds, cached on disk
-(``$SPARSEHAM_KERNEL_CACHE``, else ``~/.cache/sparseham/kernels``) under a hash of the source, the
-compiler, its flags and the CPU, so a second process loads it in milliseconds. The vector ISA
-follows ``torch.backends.cpu.get_cpu_capability()``: with ``ATEN_CPU_CAPABILITY=avx2`` the loop is
-AVX2 code, as ATen's and inductor's are. The loop runs as the custom op
-``sparseham::one_pass_cpu`` (:func:`step`), which the one-pass kernel calls inside its compiled
-graph; eagerly the Python reference runs instead (:mod:`.one_pass`).
+One shared library per :class:`~.one_pass.Spec` (its flags are ``#define`` s: no branch in the
+loop), built on first use (about 0.6 s) and cached on disk (``$SPARSEHAM_KERNEL_CACHE``, else
+``~/.cache/sparseham/kernels``) under a hash of the source, compiler, flags and CPU. The vector
+ISA follows ``torch.backends.cpu.get_cpu_capability()`` (``ATEN_CPU_CAPABILITY=avx2``: AVX2
+code). The loop is the custom op ``sparseham::one_pass_cpu`` (:func:`step`), called inside the
+one-pass kernel's compiled graph; eagerly the Python reference runs instead (:mod:`.one_pass`).
 """
 
 from __future__ import annotations
@@ -183,18 +181,15 @@ def applies(spec, dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and (not spec.mirror or spec.degree is not None)
 
 
-def _hex(x: float) -> str:
-    return f"{x.hex()}f"  # exact in the source; the compiler rounds it to float32 as torch does
-
-
 def source(spec) -> str:
     """The C++ source of ``spec``'s loop: its flags as ``#define`` s, then the loop."""
     lines = [f"#define ADAM {int(spec.kind == 'adam')}", f"#define BLOCK {_BLOCK}"]
     lines += [f"#define {name.upper()} {int(getattr(spec, name))}" for name in _FLAGS]
     degree = spec.degree or 0
     inv = [1.0 / math.factorial(k) for k in range(degree + 1)]
-    lines.append(f"#define POLY_TOP {_hex(inv[degree])}")  # Horner, as mirror.exp_poly
-    steps = (f"t = e * t + {_hex(inv[k])};" for k in range(degree - 1, -1, -1))
+    # Horner, as mirror.exp_poly; hex floats: exact in the source, rounded to float32 as torch does
+    lines.append(f"#define POLY_TOP {inv[degree].hex()}f")
+    steps = (f"t = e * t + {inv[k].hex()}f;" for k in range(degree - 1, -1, -1))
     lines.append("#define POLY_STEPS " + " ".join(steps))
     return "\n".join(lines) + _BODY
 

@@ -29,8 +29,11 @@ one compiled function per tensor with ``dynamic=True``: tensor sizes and every h
 symbolic, so new shapes, a learning rate schedule, Adam's bias corrections and a different
 ``alpha`` do not recompile, and inductor emits a single loop per tensor that stores and reduces
 together (a graph over a whole model's list of tensors took minutes to compile and emitted
-reduction loops that recompute the chain, ``benchmarks/one_pass_probe.py``). Each call costs about
-100 us of host time here (dynamo's guards and wrappers). On CUDA (:data:`GROUPED`) a group's
+reduction loops that recompute the chain, ``benchmarks/one_pass_probe.py``). Float32 tensors
+(:data:`NATIVE`) go through a hand-written C++ loop instead (:mod:`.native`, a custom op that
+dynamo traces alone): inductor's AVX2 code loads the 1-byte masks and codes through a stack buffer,
+and its step was 4.5x an SGD step there (RESULTS.md section 15). Each call costs 50-100 us of host
+time here (dynamo's guards and wrappers). On CUDA (:data:`GROUPED`) a group's
 tensors step in one compiled graph over their layout instead, one host call per group, the floats
 symbolic from their second value. A kernel that fails to compile runs its same Python function
 eagerly, after one warning (:func:`.compile.compile_kernel`).
@@ -156,12 +159,9 @@ def _one_pass_group(specs: tuple[Spec, ...], *args) -> None:
 @cache
 def kernel(specs: tuple[Spec, ...], grouped: bool, native_kernel: int = -1) -> Callable:
     """The compiled step: per tensor (one spec; ``dynamic=True``: any size), or per group of tensors
-    (``grouped``; one graph over their layout, the floats symbolic from their second value).
-
-    With ``native_kernel`` (from :func:`.native.load`) the per-tensor graph is one call of the C++
-    loop (a custom op, traced by dynamo alone: nothing for inductor to generate); run eagerly
-    (compiling disabled or failed) the same function runs the Python reference instead.
-    """
+    (``grouped``; one graph over their layout, the floats symbolic from their second value). With
+    ``native_kernel`` (:func:`.native.load`) the graph is one call of the C++ loop; run eagerly
+    (compiling disabled or failed), the Python reference."""
     fallback = "ham.fused: false runs the staged foreach path"
     if grouped:
         def step(*args):
@@ -183,23 +183,24 @@ def kernel(specs: tuple[Spec, ...], grouped: bool, native_kernel: int = -1) -> C
 
 #: Whether float32 CPU tensors step through the C++ loop (:mod:`.native`); ``False``: inductor's code.
 NATIVE = True
-#: What the first step's compile costs, for the notice (measured on a busy 2-core EPYC, RESULTS.md).
-_COMPILE_SECONDS = {"native": 2, "inductor": 20}
+_announced: set[tuple] = set()
+
+
+def _announce(dtype: torch.dtype, how: str) -> None:
+    """One line when a first step compiles; ``how``: ``native``, ``inductor`` or ``grouped``
+    (seconds measured on a busy 2-core EPYC, RESULTS.md section 15; none measured on CUDA)."""
+    if (dtype, how) not in _announced:
+        _announced.add((dtype, how))
+        cost = {"native": ", ~2 s", "inductor": ", ~20 s"}.get(how, "")
+        notice(f"sparseham: compiling the one-pass step for {str(dtype).removeprefix('torch.')} "
+               f"(once per process{cost}; ham.fused: false skips it)")
 
 
 def _per_tensor_kernel(spec: Spec, p: Tensor) -> Callable:
-    """The per-tensor kernel for ``p`` (the C++ loop where it applies), saying so the first time
-    one compiles for ``p``'s dtype in this process."""
+    """The per-tensor kernel for ``p``: the C++ loop where it applies."""
     use_native = NATIVE and compile_enabled() and native.applies(spec, p.dtype, p.device)
-    if (p.dtype, use_native) not in _announced:
-        _announced.add((p.dtype, use_native))
-        seconds = _COMPILE_SECONDS["native" if use_native else "inductor"]
-        notice(f"sparseham: compiling the one-pass step for {str(p.dtype).removeprefix('torch.')} "
-               f"(once per process, ~{seconds} s; ham.fused: false skips it)")
+    _announce(p.dtype, "native" if use_native else "inductor")
     return kernel((spec,), False, native.load(spec) if use_native else -1)
-
-
-_announced: set[tuple[torch.dtype, bool]] = set()
 
 
 _DENSE_KINDS = {SGD: "sgd", Adam: "adam", AdamW: "adam"}
@@ -287,11 +288,9 @@ def _state(base: Optimizer, p: Tensor, group: dict) -> tuple[list[Tensor | None]
 
 
 def flat(t: Tensor | None) -> Tensor | None:
-    """A 1-D alias; bool and int8 as uint8 (inductor vectorizes uint8 loads, not bool or int8 ones).
-
-    Detached, so not a view: dynamo guards a view's base, whose sizes of 0 or 1 are specialized,
-    and a 1x1 convolution or a linear weight would recompile the kernel (RESULTS.md, issue 35).
-    """
+    """A 1-D alias; bool and int8 as uint8 (inductor loads uint8 as vectors, bool and int8 one by
+    one). Detached, not a view: dynamo guards a view's base, whose sizes 0 and 1 it specializes,
+    so a 1x1 convolution or a linear weight would recompile the kernel (issue 35)."""
     if t is None:
         return None
     t = t.view(-1)
@@ -366,5 +365,6 @@ def step_group(base: Optimizer, group: dict, params: list[Tensor],
             _per_tensor_kernel(spec, p)(*args)
     for todo in grouped.values():
         specs, per_tensor = zip(*todo)
+        _announce(per_tensor[0].p.dtype, "grouped")
         kernel(specs, True)(*(list(a) for a in zip(*per_tensor)))
     return hits, norms
